@@ -1,0 +1,331 @@
+"""The whole decoder-only network, driven by `ModelConfig`: embedding -> blocks (pre-norm attention and
+MLP, each with a residual) -> final norm -> LM head. One `forward` serves training and inference."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+
+# ---- norms -----------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (LLaMA, ChatGLM2)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+
+
+class LayerNorm(nn.LayerNorm):
+    """(x - mean) / std * weight + bias (GPT-2, BLOOM)."""
+
+
+def make_norm(c: ModelConfig) -> nn.Module:
+    return RMSNorm(c.dim, c.norm_eps) if c.norm == "rmsnorm" else LayerNorm(c.dim, eps=c.norm_eps)
+
+
+# ---- positions ---------------------------------------------------------------------------------------
+
+
+def rope_tables(c: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of position * inv_freq, each (max_seq_len, rope_dim // 2), in fp32."""
+    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.rope_dim, 2, device=device).float() / c.rope_dim))
+    angles = torch.outer(torch.arange(c.max_seq_len, device=device).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotates the first 2 * cos.shape[-1] dims of x (B, H, T, head_dim); cos/sin broadcast as (.., T, r/2).
+
+    Half-split (LLaMA in HF layout) pairs x[i] with x[i + r/2]; interleaved (ChatGLM2, Meta LLaMA) pairs
+    x[2i] with x[2i + 1]. The rest of the head (partial rotary) passes through."""
+    r = 2 * cos.shape[-1]
+    rot, rest = x[..., :r], x[..., r:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if interleaved:
+        x1, x2 = rot.unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, T, r/2)
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot.chunk(2, dim=-1)  # each (B, H, T, r/2)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Per-head slopes of ALiBi (Press et al.): a geometric sequence, interleaved when n is not a power of 2."""
+    p = 2 ** math.floor(math.log2(n_heads))
+    slopes = [2 ** (-8 * (i + 1) / p) for i in range(p)]
+    if p < n_heads:
+        slopes += [2 ** (-4 * (2 * i + 1) / p) for i in range(n_heads - p)]
+    return torch.tensor(slopes)
+
+
+def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
+    """The fixed sin/cos position embeddings of "Attention Is All You Need": (max_len, dim)."""
+    pos = torch.arange(max_len).float()[:, None]
+    div = torch.exp(torch.arange(0, dim, 2).float() * (-math.log(10000.0) / dim))
+    table = torch.zeros(max_len, dim)
+    table[:, 0::2], table[:, 1::2] = torch.sin(pos * div), torch.cos(pos * div)
+    return table
+
+
+# ---- attention with a static KV cache -------------------------------------------------------------------
+
+
+class KVCache(nn.Module):
+    """Static K/V buffers (B, n_kv_heads, max_len, head_dim), written at the given positions."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k[: k.shape[0], :, pos] = k
+        self.v[: v.shape[0], :, pos] = v
+        return self.k[: k.shape[0]], self.v[: v.shape[0]]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with one fused QKV projection; n_kv_heads < n_heads gives GQA / MQA."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.qkv = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=c.qkv_bias)
+        self.out = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.bias)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: tuple | None, mask: torch.Tensor | None, pos: torch.Tensor | None,
+                interleaved: bool) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if rope is not None:
+            q, k = apply_rope(q, *rope, interleaved), apply_rope(k, *rope, interleaved)
+        if self.cache is not None:
+            k, v = self.cache.update(pos, k, v)  # (B, K, max_len, D)
+            if mask is not None and mask.shape[-1] < k.shape[2]:  # attend only to the filled prefix
+                k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
+        if K != H:
+            # expand (a view) to H heads; SDPA's math path would copy anyway for enable_gqa on CPU
+            k = k[:, :, None].expand(B, K, H // K, *k.shape[2:]).flatten(1, 2)  # (B, H, S, D)
+            v = v[:, :, None].expand(B, K, H // K, *v.shape[2:]).flatten(1, 2)  # (B, H, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, H * D) -> (B, T, dim)
+
+
+# ---- MLPs ----------------------------------------------------------------------------------------------------
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul (ChatGLM2's dense_h_to_4h)."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(c.dim, 2 * c.ffn_dim, bias=c.bias)
+        self.down = nn.Linear(c.ffn_dim, c.dim, bias=c.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)  # each (B, T, ffn_dim)
+        return self.down(F.silu(gate) * up)
+
+
+class GeluMLP(nn.Module):
+    """down(gelu(up(x))) — GPT-2, BLOOM."""
+
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(c.dim, c.ffn_dim, bias=c.bias)
+        self.down = nn.Linear(c.ffn_dim, c.dim, bias=c.bias)
+        self.approximate = c.gelu_approx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm, self.attn = make_norm(c), Attention(c)
+        self.mlp_norm, self.mlp = make_norm(c), (SwiGLU(c) if c.mlp == "swiglu" else GeluMLP(c))
+
+    def forward(self, x, rope, mask, pos, interleaved):
+        x = x + self.attn(self.attn_norm(x), rope, mask, pos, interleaved)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ---- the model ----------------------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    """A decoder-only language model; `forward(input_ids) -> logits (B, T, vocab_size)`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.dim)
+        self.pos_emb = nn.Embedding(c.max_seq_len, c.dim) if c.position == "learned" else None
+        self.emb_norm = make_norm(c) if c.embed_norm else None
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.norm = make_norm(c)
+        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        if c.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.reset_buffers()
+        if self.tok_emb.weight.device.type != "meta":
+            self.apply(self._init_weights)
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)computes the non-learned tables (RoPE, ALiBi, sinusoidal) — after building on `meta`."""
+        c = self.config
+        device = device or self.tok_emb.weight.device
+        none = torch.empty(0, device=device)
+        cos, sin = rope_tables(c, device) if c.position == "rope" else (none, none)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, rope_dim / 2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        slopes = alibi_slopes(c.n_heads).to(device) if c.position == "alibi" else none
+        self.register_buffer("alibi", slopes, persistent=False)  # (n_heads,)
+        table = sinusoidal_table(c.max_seq_len, c.dim).to(device) if c.position == "sinusoidal" else none
+        self.register_buffer("sinusoid", table, persistent=False)  # (max_seq_len, dim)
+
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(m, nn.Linear):
+            # residual-branch outputs scaled by 1/sqrt(2 * n_layers) (GPT-2)
+            is_out = any(m is b.attn.out or m is b.mlp.down for b in self.layers)
+            nn.init.normal_(m.weight, std=std / math.sqrt(2 * self.config.n_layers) if is_out else std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_emb.weight.dtype
+
+    def setup_cache(self, batch: int, max_len: int | None = None) -> None:
+        """Creates a static KV cache for `batch` sequences of up to `max_len` tokens (generation)."""
+        c = self.config
+        max_len = max_len or c.max_seq_len
+        if max_len > c.max_seq_len:
+            raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={c.max_seq_len}")
+        for b in self.layers:
+            b.attn.cache = KVCache(batch, max_len, c.n_kv_heads, c.head_dim, self.dtype, self.device)
+
+    def clear_cache(self) -> None:
+        for b in self.layers:
+            b.attn.cache = None
+
+    @property
+    def cache_len(self) -> int | None:
+        cache = self.layers[0].attn.cache if len(self.layers) else None
+        return None if cache is None else cache.k.shape[2]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for `input_ids` (B, T).
+
+        positions: (T,) where these tokens sit in the sequence, and their KV-cache slots; default 0..T-1.
+        mask: optional bool (B or 1, 1, T, S) — True where a query may attend to a key; default causal.
+          With a cache, S is the number of filled slots (keys beyond are ignored).
+        position_ids: optional (B, T) per-row positions for the position encoding (left-padded batches).
+        """
+        c = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
+        input_ids = input_ids.to(self.device)
+        B, T = input_ids.shape
+        cached = self.layers[0].attn.cache is not None if len(self.layers) else False
+        if positions is None:
+            if cached:
+                raise ValueError("with a KV cache set up, pass `positions` (the slots these tokens fill)")
+            positions = torch.arange(T, device=self.device)
+        positions = positions.to(self.device)
+        limit = self.cache_len if cached else c.max_seq_len
+        if T > c.max_seq_len or (not torch.compiler.is_compiling() and int(positions[-1]) >= limit):
+            raise ValueError(f"sequence of {int(positions[-1]) + 1} tokens exceeds the limit of {limit} "
+                             f"({'KV cache length' if cached else 'max_seq_len'})")
+        pos_ids = positions if position_ids is None else position_ids.to(self.device)  # (T,) or (B, T)
+
+        x = self.tok_emb(input_ids)  # (B, T, dim)
+        if c.position == "learned":
+            x = x + self.pos_emb(pos_ids)
+        elif c.position == "sinusoidal":
+            x = x + self.sinusoid[pos_ids].to(x.dtype)
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
+
+        rope = None
+        if c.position == "rope":
+            cos, sin = self.rope_cos[pos_ids], self.rope_sin[pos_ids]  # (T, r/2) or (B, T, r/2)
+            rope = (cos, sin) if cos.dim() == 2 else (cos[:, None], sin[:, None])  # (B, 1, T, r/2)
+
+        if cached and mask is None:
+            # causal over cache slots: key slot j visible to the query at slot i when j <= i
+            n = int(positions[-1]) + 1 if not torch.compiler.is_compiling() else self.cache_len
+            mask = positions[:, None] >= torch.arange(n, device=self.device)  # (T, S)
+        needs_float = c.position == "alibi" or c.sliding_window is not None
+        if needs_float or (mask is not None and mask.dim() == 2):
+            mask = self._mask(positions, mask, T, x.dtype)
+        try:
+            for block in self.layers:
+                x = block(x, rope, mask, positions, c.rope_interleaved)
+            return self.lm_head(self.norm(x))
+        except RuntimeError as e:
+            msg = str(e)
+            if "same device" in msg or "dtype" in msg or "scalar type" in msg:
+                raise RuntimeError(f"device/dtype mix-up: {self._placement()}; inputs on {input_ids.device}, "
+                                   f"mask {None if mask is None else (mask.device, mask.dtype)}. "
+                                   f"Move the whole model with model.to(...). ({msg.splitlines()[0]})") from e
+            raise
+
+    def _placement(self) -> str:
+        """Where the parameters live, e.g. "parameters on cpu/float32 (10), cuda:0/bfloat16 (2)"."""
+        seen: dict[str, int] = {}
+        for p in self.parameters():
+            key = f"{p.device}/{str(p.dtype).removeprefix('torch.')}"
+            seen[key] = seen.get(key, 0) + 1
+        return "parameters on " + ", ".join(f"{k} ({n})" for k, n in seen.items())
+
+    def _mask(self, positions: torch.Tensor, mask: torch.Tensor | None, T: int, dtype) -> torch.Tensor:
+        """Adds causality, the sliding window and ALiBi to `mask`; returns a (B|1, H|1, T, S) mask."""
+        c = self.config
+        if mask is None:
+            mask = positions[:, None] >= torch.arange(T, device=self.device)  # (T, T) causal
+        if mask.dim() == 2:
+            mask = mask[None, None]  # (1, 1, T, S)
+        S = mask.shape[-1]
+        rel = torch.arange(S, device=self.device) - positions[:, None]  # (T, S): key - query, <= 0 visible
+        if c.sliding_window is not None:
+            mask = mask & (rel > -c.sliding_window)
+        if c.position != "alibi":
+            return mask
+        bias = self.alibi.to(dtype)[:, None, None] * rel.to(dtype)  # (H, T, S)
+        return bias.masked_fill(~mask, float("-inf"))  # (B|1, H, T, S)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+        return n

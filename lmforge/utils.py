@@ -1,0 +1,36 @@
+"""Devices and dtypes: the one place that turns a user's string into a torch object."""
+
+from __future__ import annotations
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """'bf16' / 'bfloat16' / torch.bfloat16 -> torch.bfloat16; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """None / 'auto' -> cuda:0 when available, else cpu; otherwise checked against what exists."""
+    if device is None or device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for but CUDA is not available here; use 'cpu'")
+    return device
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """bf16/fp16 autocast on CUDA when asked for; a no-op context otherwise."""
+    enabled = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=enabled)
