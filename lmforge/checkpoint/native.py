@@ -202,33 +202,51 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, 
 
 def save(model: Transformer, tokenizer, folder: str | os.PathLike, max_shard_size: int = 4 << 30) -> Path:
     """Writes a Hugging Face model folder: config.json (the right `model_type`), model.safetensors (sharded
-    with an index past `max_shard_size` bytes), tokenizer files, generation_config.json. Atomic."""
+    with an index past `max_shard_size` bytes), tokenizer files, generation_config.json. Atomic: the folder
+    appears complete or not at all, and a folder already there is replaced only once the new one is done."""
+    with atomic_folder(folder) as tmp:
+        write_model_folder(model, tokenizer, tmp, max_shard_size)
+    return Path(folder)
+
+
+def write_model_folder(model: Transformer, tokenizer, folder: Path, max_shard_size: int = 4 << 30) -> None:
+    """The files of `save`, written into an existing (temporary) folder."""
     c = model.config
-    family = hf_model_type(c)
-    tensors = to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, family, c)
+    tensors = to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, hf_model_type(c), c)
     ids = {}
     if tokenizer is not None:
         ids = dict(bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
     hf = to_hf_config(c, **ids)
     hf["dtype"] = str(model.dtype).removeprefix("torch.")
-    with atomic_folder(folder) as tmp:
-        with open(tmp / "config.json", "w") as f:
-            json.dump(hf, f, indent=2)
-        gen = {"bos_token_id": ids.get("bos_id"), "eos_token_id": ids.get("eos_id"), "pad_token_id": ids.get("pad_id")}
-        with open(tmp / "generation_config.json", "w") as f:
-            json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
-        shards = _shards(tensors, max_shard_size)
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, name))
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            with open(tmp / SAFETENSORS_INDEX, "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-    return Path(folder)
+    with open(folder / "config.json", "w") as f:
+        json.dump(hf, f, indent=2)
+    gen = {"bos_token_id": ids.get("bos_id"), "eos_token_id": ids.get("eos_id"), "pad_token_id": ids.get("pad_id")}
+    with open(folder / "generation_config.json", "w") as f:
+        json.dump({k: v for k, v in gen.items() if v is not None}, f, indent=2)
+    shards = _shards(tensors, max_shard_size)
+    if len(shards) == 1:
+        save_file(shards[0], folder / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, folder / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(folder / SAFETENSORS_INDEX, "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save(folder)
+
+
+def load_weights(model: Transformer, folder: str | os.PathLike) -> None:
+    """Copies the weights of a model folder into an existing `model` of the same config (exact resume)."""
+    folder = Path(folder)
+    hf = _read_json(folder / "config.json")
+    family = hf.get("model_type") if hf.get("model_type") in FAMILIES else hf_model_type(model.config)
+    files = _SafetensorsFiles(folder)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = from_hf(expected, files.get, files.names(), family, model.config, str(folder))
+    if model.config.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, strict=True)

@@ -1,0 +1,327 @@
+"""Read a llama-architecture GGUF file (llama.cpp's format) as what a Hugging Face llama folder holds.
+
+A GGUF keeps the config and the tokenizer as metadata and the weights as (often quantized) blocks.
+Parsing and dequantizing are the `gguf` package's (`GGUFReader`, `gguf.quants.dequantize`); this file
+adds the checks that name the file, the GGUF→HF name table, the undoing of llama.cpp's Q/K row order,
+and the tokenizer rebuilt with `tokenizers`. Nothing is unpickled: GGUF holds no Python objects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderField, ReaderTensor
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from lmforge.checkpoint.errors import CheckpointError
+
+_MAGIC = b"GGUF"
+_HEADER_BYTES = 24  # magic (4), version (u32), tensor count (u64), metadata count (u64)
+_MAX_DIMS = 4  # GGML_MAX_DIMS
+
+# GGUF tensor name -> HF llama name ({i}: layer index), as llama.cpp's convert_hf_to_gguf.py writes them.
+_LLAMA_FROM_GGUF = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+
+# `tokenizer.ggml.pre` -> how llama.cpp splits text before byte-level BPE (llama-vocab.cpp), as
+# `tokenizers` pieces: `split` is a regex applied first, `digits` puts every digit in its own piece
+# (llama.cpp's leading "\p{N}" rule), neither means GPT-2's regex. `ignore_merges`: a piece that is
+# already a vocabulary token is taken whole (llama.cpp does this for the llama-3 family).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+_GPT2: dict[str, Any] = {}
+_STARCODER = {"digits": True}
+_LLAMA3 = {"split": _LLAMA3_SPLIT, "ignore_merges": True}
+_PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
+    **dict.fromkeys(("default", "gpt2", "mpt", "olmo"), _GPT2),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"), _STARCODER),
+    **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3"), _LLAMA3),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), {"split": _QWEN2_SPLIT}),
+}
+_CONTROL, _USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values that mark added tokens
+
+_REQUIRED = object()
+
+
+@dataclass
+class GGUFContents:
+    """What a Hugging Face llama folder would hold, read from one GGUF file."""
+
+    hf_config: dict[str, Any]  # config.json
+    tensors: dict[str, torch.Tensor]  # HF names; no lm_head.weight when the file ties it to the embedding
+    tokenizer: Tokenizer  # tokenizer.json
+    tokenizer_config: dict[str, Any]  # tokenizer_config.json
+
+
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFContents:
+    """Read a llama GGUF file: config, dequantized HF-named tensors in `dtype`, tokenizer.
+
+    Every problem with the file is a `CheckpointError` that names it (and the tensor or key)."""
+    path = Path(path)
+    _check_header(path)
+    try:
+        reader = _CheckedReader(path)
+        if reader.byte_order != "I":
+            raise CheckpointError(f"{path}: GGUF written for the other byte order (big-endian?); not supported")
+        meta = _Metadata(reader, path)
+        hf_config = _hf_config(meta)
+        tokenizer, tokenizer_config = _tokenizer(meta)
+        tensors = _tensors(reader, hf_config, path, dtype)
+    except (CheckpointError, OSError, MemoryError):
+        raise
+    except Exception as e:  # GGUFReader fails on bad bytes with ValueError, IndexError, KeyError, ...
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    return GGUFContents(hf_config, tensors, tokenizer, tokenizer_config)
+
+
+# ---- the file: header and tensor entries --------------------------------------------------------------------
+
+
+def _check_header(path: Path) -> None:
+    with open(path, "rb") as f:
+        head = f.read(_HEADER_BYTES)
+    if head[:4] != _MAGIC:
+        hint = " (a zip/torch.save file)" if head[:2] == b"PK" else ""
+        raise CheckpointError(f"{path}: not a GGUF file: starts with {head[:4]!r}{hint}, expected {_MAGIC!r}")
+    if len(head) < _HEADER_BYTES:
+        raise CheckpointError(f"{path}: truncated GGUF: {len(head)} bytes, shorter than the header")
+
+
+class _CheckedReader(GGUFReader):
+    """`GGUFReader` that checks every tensor entry (dims, type, byte range) before mapping its data.
+
+    GGUFReader maps all tensors in its constructor and, on a bad entry, fails with numpy's "cannot
+    reshape array…", which names neither file nor tensor; `_build_tensors` is the step that maps them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        super().__init__(path)
+
+    def _build_tensors(self, start_offs: int, fields: list[ReaderField]) -> None:
+        for field in fields:
+            _, name, _, dims, raw_type, offset = field.parts
+            self._check_entry(bytes(name).decode("utf-8", "replace"), dims.tolist(), int(raw_type[0]),
+                              start_offs + int(offset[0]))
+        super()._build_tensors(start_offs, fields)
+
+    def _check_entry(self, name: str, dims: list[int], raw_type: int, start: int) -> None:
+        where = f"{self.path}: tensor {name!r}"
+        if not 1 <= len(dims) <= _MAX_DIMS or 0 in dims:
+            raise CheckpointError(f"{where}: impossible dimensions {dims}")
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(raw_type)]
+        except (ValueError, KeyError):
+            raise CheckpointError(f"{where}: unknown ggml type {raw_type}") from None
+        if dims[0] % block:
+            raise CheckpointError(f"{where}: row length {dims[0]} is not a multiple of the type's block size {block}")
+        end = start + math.prod(dims) // block * type_size
+        if end > len(self.data):
+            raise CheckpointError(f"{where}: data at bytes {start}..{end} runs past the end of the file "
+                                  f"({len(self.data)} bytes); truncated or corrupt")
+
+
+class _Metadata:
+    """Typed access to GGUF metadata; a missing or mistyped key is a `CheckpointError` naming it."""
+
+    def __init__(self, reader: GGUFReader, path: Path) -> None:
+        self.reader, self.path = reader, path
+
+    def get(self, key: str, kind: type, default: Any = _REQUIRED) -> Any:
+        field = self.reader.fields.get(key)
+        if field is None:
+            if default is _REQUIRED:
+                raise CheckpointError(f"{self.path}: missing required metadata key {key!r}")
+            return default
+        value = field.contents()
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CheckpointError(f"{self.path}: metadata {key!r} should be of type {kind.__name__}, got {value!r:.80}")
+        return value
+
+    def positive(self, key: str, default: Any = _REQUIRED) -> int:
+        value = self.get(key, int, default)
+        if value <= 0:
+            raise CheckpointError(f"{self.path}: metadata {key!r} must be positive, got {value}")
+        return value
+
+
+# ---- config ------------------------------------------------------------------------------------------------
+
+
+def _hf_config(meta: _Metadata) -> dict[str, Any]:
+    """The HF `LlamaConfig` dict the `llama.*` metadata describes."""
+    arch = meta.get("general.architecture", str)
+    if arch != "llama":
+        raise CheckpointError(f"{meta.path}: architecture {arch!r} is not supported; only 'llama' is")
+    if meta.get("llama.expert_count", int, 0):
+        raise CheckpointError(f"{meta.path}: mixture-of-experts llama (llama.expert_count) is not supported")
+    hidden, n_heads = meta.positive("llama.embedding_length"), meta.positive("llama.attention.head_count")
+    n_kv_heads = meta.positive("llama.attention.head_count_kv", n_heads)
+    head_dim = meta.positive("llama.attention.key_length", hidden // n_heads or 1)
+    if n_heads % n_kv_heads or head_dim % 2 or meta.get("llama.rope.dimension_count", int, head_dim) != head_dim:
+        raise CheckpointError(f"{meta.path}: impossible attention shape: {n_heads} heads, {n_kv_heads} kv heads, "
+                              f"head_dim {head_dim}, rope over {meta.get('llama.rope.dimension_count', int, head_dim)}")
+    tokens = meta.get("tokenizer.ggml.tokens", list)
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": meta.positive("llama.vocab_size", len(tokens) or 1),
+        "hidden_size": hidden,
+        "intermediate_size": meta.positive("llama.feed_forward_length"),
+        "num_hidden_layers": meta.positive("llama.block_count"),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv_heads,
+        "head_dim": head_dim,
+        "rms_norm_eps": meta.get("llama.attention.layer_norm_rms_epsilon", float),
+        "rope_theta": meta.get("llama.rope.freq_base", float, 10000.0),
+        "max_position_embeddings": meta.positive("llama.context_length"),
+        "tie_word_embeddings": "output.weight" not in {t.name for t in meta.reader.tensors},
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id", int, None),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id", int, None),
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
+    scaling = meta.get("llama.rope.scaling.type", str, "none")
+    if scaling == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": meta.get("llama.rope.scaling.factor", float)}
+    elif scaling != "none":
+        raise CheckpointError(f"{meta.path}: rope scaling {scaling!r} is not supported (only none, linear)")
+    return config
+
+
+def _expected(c: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every GGUF tensor name this config implies -> (HF name, HF shape (out_features, in_features))."""
+    h, v, ffn = c["hidden_size"], c["vocab_size"], c["intermediate_size"]
+    q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
+    shapes = dict(zip(_LLAMA_FROM_GGUF, [(v, h), (h,), (v, h), (h,), (q, h), (kv, h), (kv, h), (h, q), (h,),
+                                         (ffn, h), (ffn, h), (h, ffn)]))
+    return {g.format(i=i): (hf.format(i=i), shapes[g]) for g, hf in _LLAMA_FROM_GGUF.items()
+            for i in (range(c["num_hidden_layers"]) if "{i}" in g else [0])}
+
+
+# ---- tensors -----------------------------------------------------------------------------------------------
+
+
+def _tensors(reader: GGUFReader, config: dict[str, Any], path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Check names and shapes of all tensors against the config, then dequantize them into HF layout."""
+    expected = _expected(config)
+    for t in reader.tensors:
+        if t.name not in expected:
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r}: not part of a llama model with "
+                                  f"{config['num_hidden_layers']} layers (rope_freqs and MoE are not supported)")
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the row length (ne0) first
+        hf, want = expected[t.name]
+        if shape != want:
+            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {shape}, but the metadata implies {want} "
+                                  f"for {hf}")
+    names = {t.name for t in reader.tensors}
+    missing = [g for g in expected if g not in names and g != "output.weight"]  # no output.weight: tied
+    if missing:
+        raise CheckpointError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+    tensors = {expected[t.name][0]: _dequantize(t, path, dtype) for t in reader.tensors}
+    for i in range(config["num_hidden_layers"]):
+        a = f"model.layers.{i}.self_attn."
+        tensors[a + "q_proj.weight"] = _unpermute_rope(tensors[a + "q_proj.weight"], config["num_attention_heads"])
+        tensors[a + "k_proj.weight"] = _unpermute_rope(tensors[a + "k_proj.weight"], config["num_key_value_heads"])
+    return tensors
+
+
+def _dequantize(t: ReaderTensor, path: Path, dtype: torch.dtype) -> torch.Tensor:
+    """One tensor as a `dtype` torch tensor of shape (out_features, in_features) (or (n,) for norms)."""
+    try:
+        values = dequantize(t.data, t.tensor_type)  # float32, rows = the GGUF's leading dims
+    except NotImplementedError:
+        raise CheckpointError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, "
+                              "which gguf.quants cannot dequantize") from None
+    shape = tuple(int(d) for d in reversed(t.shape))  # (out_features, in_features)
+    return torch.tensor(np.asarray(values).reshape(shape), dtype=dtype)
+
+
+def _unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's Q/K row order. Its converter reorders each head's rows from HF's half-split RoPE
+    layout (x_0..x_{d/2-1}, y_0..y_{d/2-1}) to interleaved pairs (x_0, y_0, x_1, y_1, ...)."""
+    out_features, in_features = w.shape
+    w = w.reshape(n_heads, out_features // n_heads // 2, 2, in_features)  # (heads, head_dim/2, pair, in)
+    return w.transpose(1, 2).reshape(out_features, in_features)  # (heads, pair, head_dim/2, in) -> (out, in)
+
+
+# ---- tokenizer ---------------------------------------------------------------------------------------------
+
+
+def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, Any]]:
+    """The byte-level BPE tokenizer described by `tokenizer.ggml.*`, and its tokenizer_config.json dict."""
+    kind = meta.get("tokenizer.ggml.model", str)
+    if kind != "gpt2":
+        raise CheckpointError(f"{meta.path}: tokenizer model {kind!r} is not supported; only 'gpt2' "
+                              "(byte-level BPE) is" + (" - 'llama' is sentencepiece" if kind == "llama" else ""))
+    pre = meta.get("tokenizer.ggml.pre", str, "default")
+    if pre not in _PRE_TOKENIZERS:
+        raise CheckpointError(f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported; "
+                              f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}")
+    style = _PRE_TOKENIZERS[pre]
+    tokens: list[str] = meta.get("tokenizer.ggml.tokens", list)
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", list)]
+    types: list[int] = meta.get("tokenizer.ggml.token_type", list, [])
+    model = models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=style.get("ignore_merges", False))
+    tokenizer = Tokenizer(model)
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if style.get("digits") else []
+    if "split" in style:
+        steps.append(pre_tokenizers.Split(Regex(style["split"]), behavior="isolated"))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex="split" not in style))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tokenizer.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_start|>…) and user-defined ones are matched whole in raw text, as llama.cpp does.
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, k in zip(tokens, types) if k == _CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
+
+    config: dict[str, Any] = {}
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
+                      ("pad", "padding_token_id")):
+        token_id = meta.get(f"tokenizer.ggml.{key}", int, None)
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            raise CheckpointError(f"{meta.path}: tokenizer.ggml.{key} {token_id} is outside the vocabulary "
+                                  f"of {len(tokens)} tokens")
+        config[f"{name}_token"] = None if token_id is None else tokens[token_id]
+    config["add_bos_token"] = meta.get("tokenizer.ggml.add_bos_token", bool, False)
+    config["add_eos_token"] = meta.get("tokenizer.ggml.add_eos_token", bool, False)
+    template = meta.get("tokenizer.chat_template", str, None)
+    if template is not None:
+        config["chat_template"] = template
+    tokenizer.post_processor = _post_processor(config, tokenizer)
+    return tokenizer, config
+
+
+def _post_processor(config: dict[str, Any], tokenizer: Tokenizer) -> processors.PostProcessor | None:
+    """Add bos/eos around each sequence where the file asks for it (`add_special_tokens=True` in encode)."""
+    bos = config["bos_token"] if config["add_bos_token"] else None
+    eos = config["eos_token"] if config["add_eos_token"] else None
+    if bos is None and eos is None:
+        return None
+    wrap = [t for t in (bos,) if t] + ["$A"] + [t for t in (eos,) if t]
+    pair = wrap + [f"{t}:1" if t[0] != "$" else "$B:1" for t in wrap]
+    specials = [(t, tokenizer.token_to_id(t)) for t in (bos, eos) if t]
+    return processors.TemplateProcessing(single=wrap, pair=pair, special_tokens=list(dict.fromkeys(specials)))

@@ -1,0 +1,72 @@
+"""What every recipe shares: the model to start from, the run folder, the save/load hooks of `fit`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from lmforge.checkpoint import load, load_weights, write_model_folder
+from lmforge.config import ModelConfig
+from lmforge.model import Transformer
+from lmforge.utils import resolve_device, resolve_dtype
+
+
+@dataclass
+class ModelSpec:
+    """Which model to train.
+
+    Attributes:
+        preset: a preset name from lmforge.config.PRESETS (e.g. tiny-llama, smollm2-135m, llama2-7b).
+        overrides: ModelConfig fields that replace the preset's (e.g. {dim: 128, n_layers: 4}).
+        init_from: continue from a checkpoint instead: any path lmforge.load accepts (HF folder, lmforge run
+            output, .gguf file). preset and overrides are then ignored.
+        device: auto (cuda:0 when present), cpu, cuda, cuda:1 ...
+        dtype: parameter dtype: float32 (train with bf16 autocast on CUDA) or bfloat16.
+    """
+
+    preset: str = "tiny-llama"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+
+
+def build_model(spec: ModelSpec, vocab_size: int | None = None, seq_len: int | None = None,
+                seed: int = 0) -> tuple[Transformer, Any]:
+    """A fresh model from the preset (vocab and context fitted to the tokenizer and data), or a loaded one.
+    Returns (model, tokenizer-or-None); only a loaded checkpoint brings a tokenizer."""
+    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
+    if spec.init_from:
+        model, tokenizer = load(spec.init_from, device=device, dtype=dtype)
+        if vocab_size is not None and vocab_size > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {vocab_size} tokens but {spec.init_from} only {model.config.vocab_size}")
+        return model.train(), tokenizer
+    extra: dict[str, Any] = {}
+    if vocab_size is not None:
+        extra["vocab_size"] = vocab_size
+    if seq_len is not None:
+        extra["max_seq_len"] = max(seq_len, ModelConfig.from_preset(spec.preset).max_seq_len)
+    config = ModelConfig.from_preset(spec.preset, **{**extra, **spec.overrides})
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Transformer(config)
+    return model.to(dtype=dtype).train(), None
+
+
+def model_hooks(model: Transformer, tokenizer: Any):
+    """`save_model` / `load_model` for fit: a checkpoint's weights are a normal model folder."""
+    return (lambda folder: write_model_folder(model, tokenizer, Path(folder)),
+            lambda folder: load_weights(model, folder))
+
+
+def write_run_config(out_dir: str | Path, cfg: Any) -> None:
+    """The resolved recipe config, as YAML, beside the run's outputs."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "config.yaml", "w") as f:
+        yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False, allow_unicode=True)

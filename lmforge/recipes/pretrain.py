@@ -1,0 +1,159 @@
+"""Pretraining, from scratch or continued: tokens in, next-token loss, `fit`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lmforge.checkpoint import save
+from lmforge.data.pretrain import PackedDataset, prepare
+from lmforge.recipes.common import ModelSpec, build_model, model_hooks, write_run_config
+from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.train.losses import next_token_loss
+from lmforge.train.loop import FitResult, TrainConfig, fit
+
+
+@dataclass
+class PretrainData:
+    """Where the tokens come from.
+
+    Attributes:
+        sources: raw text to prepare: files, globs or folders of .txt (documents separated by blank lines),
+            .jsonl (a "text" field) or .parquet (a "text" column).
+        prepared: a folder of token shards; `lmforge prepare` writes one, and a run prepares `sources` into
+            <out_dir>/data when this is empty.
+        tokenizer: a folder with tokenizer.json; empty = the init_from checkpoint's, else train one on sources.
+        vocab_size: vocabulary size of a tokenizer trained here.
+        seq_len: tokens per training window.
+        val_fraction: share of documents held out for validation.
+        skip_bad_lines: count and skip malformed lines instead of stopping at the first.
+    """
+
+    sources: list[str] = field(default_factory=list)
+    prepared: str | None = None
+    tokenizer: str | None = None
+    vocab_size: int = 4096
+    seq_len: int = 256
+    val_fraction: float = 0.01
+    skip_bad_lines: bool = False
+
+
+@dataclass
+class PretrainConfig:
+    """A pretraining run.
+
+    Attributes:
+        out_dir: the run folder: checkpoints/, metrics.jsonl, tensorboard/, config.yaml, and model/ at the end.
+        model: the model to train (a preset, or init_from a checkpoint for continued pretraining).
+        data: the corpus and tokenizer.
+        batch_size: sequences per optimizer step (the global batch, across all processes).
+        micro_batch_size: sequences per forward/backward; 0 = the whole batch at once (per process).
+        eval_batches: validation batches per evaluation (0 = none).
+        train: the optimizer, schedule and loop settings.
+    """
+
+    out_dir: str = "runs/pretrain"
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: PretrainData = field(default_factory=PretrainData)
+    batch_size: int = 8
+    micro_batch_size: int = 0
+    eval_batches: int = 20
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def prepare_tokens(cfg: PretrainConfig, tokenizer: Tokenizer | None) -> tuple[Tokenizer, Path]:
+    """The tokenizer and the prepared token folder of a run (training / preparing what is missing)."""
+    d, out = cfg.data, Path(cfg.out_dir)
+    if d.tokenizer:
+        tokenizer = Tokenizer.from_folder(d.tokenizer)
+    if d.prepared and not d.sources:
+        if tokenizer is None:
+            raise ValueError("data.prepared needs data.tokenizer (or model.init_from with a tokenizer)")
+        return tokenizer, Path(d.prepared)
+    if not d.sources:
+        raise ValueError("give data.sources (raw text) or data.prepared (a `lmforge prepare` folder)")
+    if tokenizer is None:
+        print(f"training a {d.vocab_size}-token byte-level BPE tokenizer on {len(d.sources)} source(s)")
+        from lmforge.data.pretrain import resolve_sources
+
+        tokenizer = train_tokenizer(resolve_sources(d.sources), d.vocab_size)
+        tokenizer.save(out / "tokenizer")
+    data_dir = Path(d.prepared) if d.prepared else out / "data"
+    prepare(d.sources, tokenizer, data_dir, val_fraction=d.val_fraction, skip_bad_lines=d.skip_bad_lines,
+            seed=cfg.train.seed)
+    return tokenizer, data_dir
+
+
+def split_batch(batch_size: int, micro_batch_size: int, world_size: int = 1) -> tuple[int, int]:
+    """(rows per micro-batch, micro-batches per step) for a global batch over `world_size` processes."""
+    if batch_size % world_size:
+        raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} processes")
+    per_rank = batch_size // world_size
+    micro = micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(f"micro_batch_size {micro} does not divide the per-process batch {per_rank}")
+    return micro, per_rank // micro
+
+
+def lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    loss, _ = next_token_loss(model(batch["x"]), batch["y"])
+    return loss, {}
+
+
+def run(cfg: PretrainConfig, dist=None) -> FitResult:
+    """Prepares data (when needed), builds the model, trains, and writes <out_dir>/model."""
+    out = Path(cfg.out_dir)
+    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
+    if rank == 0:
+        write_run_config(out, cfg)
+    model, tokenizer = build_model(cfg.model, None, cfg.data.seq_len, cfg.train.seed) if cfg.model.init_from \
+        else (None, None)
+    if dist is None or rank == 0:
+        tokenizer, data_dir = prepare_tokens(cfg, tokenizer)
+    if dist is not None:
+        dist.barrier()
+        if rank != 0:
+            tokenizer, data_dir = prepare_tokens(cfg, tokenizer)  # everything is complete: only reads
+    if model is None:
+        model, _ = build_model(cfg.model, tokenizer.vocab_size, cfg.data.seq_len, cfg.train.seed)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
+    train = PackedDataset(data_dir, "train", cfg.data.seq_len)
+    val = PackedDataset(data_dir, "val", cfg.data.seq_len) if cfg.eval_batches else None
+    micro, accum = split_batch(cfg.batch_size, cfg.micro_batch_size, world)
+    device = model.device
+    if rank == 0:
+        print(f"model: {model.num_params():,} parameters; data: {train.n_tokens:,} train tokens "
+              f"({len(train):,} windows of {cfg.data.seq_len}); {cfg.train.max_steps} steps of "
+              f"{cfg.batch_size} x {cfg.data.seq_len} tokens")
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get_batch(step: int, i: int) -> dict:
+        if step not in cache:
+            cache.clear()
+            cache[step] = train.batch(step, cfg.batch_size, cfg.train.seed, rank=rank, world_size=world)
+        x, y = cache[step]
+        rows = slice(i * micro, (i + 1) * micro)
+        return {"x": x[rows].to(device), "y": y[rows].to(device), "n": y[rows].numel()}
+
+    def evaluate(m) -> dict[str, float]:
+        total, n = 0.0, 0
+        for x, y in val.eval_batches(micro, cfg.eval_batches, rank=rank, world_size=world):
+            loss, k = next_token_loss(m(x.to(device)), y.to(device))
+            total, n = total + float(loss), n + k
+        if dist is not None:
+            total, n = dist.all_reduce_sum(total), dist.all_reduce_sum(n)
+        loss = total / max(n, 1)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    save_model, load_model = model_hooks(model, tokenizer)
+    wrapped = dist.wrap(model) if dist is not None else model
+    result = fit(wrapped, get_batch, lm_loss, cfg.train, out, evaluate=evaluate if val is not None else None,
+                 save_model=save_model, load_model=load_model, grad_accum=accum, dist=dist)
+    if rank == 0:
+        save(model, tokenizer, out / "model")
+        print(f"wrote {out / 'model'}")
+    return result

@@ -1,0 +1,344 @@
+"""The ONE training loop. Every stage (pretrain, SFT, alignment) calls `fit` with its own batches and loss:
+forward, backward, optimizer step, zero_grad, LR schedule; plus accumulation, clipping, eval, logging,
+atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.train.optim import build_optimizer, lr_factor
+from lmforge.utils import autocast
+
+Batch = dict[str, Any]
+# loss_fn(model, batch) -> (summed loss, metrics to log: name -> summed value). batch["n"] = units it counts.
+LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainConfig:
+    """How to train, shared by every stage.
+
+    Attributes:
+        max_steps: optimizer steps to run (each one global batch).
+        lr: peak learning rate.
+        min_lr_ratio: the cosine schedule ends at lr x min_lr_ratio.
+        schedule: cosine (after warmup), constant, or step (x gamma every step_size steps).
+        warmup_steps: linear warmup from lr/warmup_steps to lr.
+        step_size: steps between decays of the step schedule.
+        gamma: decay factor of the step schedule.
+        weight_decay: AdamW weight decay, on matrices only (not norms, biases, embeddings).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        grad_clip: clip the global gradient norm to this (0 = off).
+        seed: seeds every RNG; with the step it fixes the data order.
+        deterministic: torch.use_deterministic_algorithms(True) (slower, bit-reproducible).
+        precision: auto (bf16 autocast on CUDA, fp32 on CPU), bf16, fp16 or fp32.
+        compile: wrap the model in torch.compile.
+        eval_every: run the evaluation every N steps (0 = only at the end).
+        log_every: write metrics every N steps.
+        checkpoint_every: write checkpoints/step-N every N steps (0 = only at the end).
+        keep_last: keep this many newest checkpoints.
+        resume: continue from the newest complete checkpoint in the run folder.
+        skip_nonfinite: skip a step whose loss or gradient is not finite instead of stopping.
+        progress: show a progress bar.
+        stop_at: end this session after this step (0 = run to max_steps), with a checkpoint there;
+            `resume` continues later exactly as if never stopped (the schedule still spans max_steps).
+    """
+
+    max_steps: int = 100
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"
+    warmup_steps: int = 10
+    step_size: int = 1000
+    gamma: float = 0.5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    deterministic: bool = False
+    precision: str = "auto"
+    compile: bool = False
+    eval_every: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 0
+    keep_last: int = 2
+    resume: bool = False
+    skip_nonfinite: bool = False
+    progress: bool = True
+    stop_at: int = 0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "constant", "step"):
+            raise ValueError(f"train.schedule={self.schedule!r} is not one of cosine, constant, step")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"train.precision={self.precision!r} is not one of auto, bf16, fp16, fp32")
+        for name in ("max_steps", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradient stopped being a finite number."""
+
+
+# ---- seeds and RNG state ------------------------------------------------------------------------------------
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+def rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+             "python_gauss": random.getstate()[2], "numpy": torch.from_numpy(keys.astype(np.int64)),
+             "numpy_rest": [pos, has_gauss, gauss], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate((s["python_version"], tuple(s["python"]), s["python_gauss"]))
+    pos, has_gauss, gauss = s["numpy_rest"]
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ---- checkpoints -------------------------------------------------------------------------------------------
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders of an interrupted write don't count)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "train_state.pt").exists()]
+    return sorted(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def _save_checkpoint(run_dir: Path, step: int, save_model: Callable[[Path], None], state: dict, keep: int) -> None:
+    from lmforge.checkpoint import atomic_folder
+
+    root = run_dir / "checkpoints"
+    with atomic_folder(root / f"step-{step}") as tmp:
+        save_model(tmp)
+        torch.save(state, tmp / "train_state.pt")
+    for old in checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*.tmp-*"):  # left by a killed writer
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+
+@dataclass
+class FitResult:
+    step: int
+    losses: list[float]
+    last_eval: dict[str, float]
+    run_dir: Path
+
+
+def fit(
+    model: nn.Module,
+    get_batch: Callable[[int, int], Batch],
+    loss_fn: LossFn,
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    save_model: Callable[[Path], None] | None = None,
+    load_model: Callable[[Path], None] | None = None,
+    grad_accum: int = 1,
+    dist: Any = None,
+) -> FitResult:
+    """Trains `model` for `cfg.max_steps` optimizer steps.
+
+    get_batch(step, micro) -> a dict of tensors for micro-batch `micro` of optimizer step `step`, with
+      "n": the number of units (tokens, pairs) the loss sums over. It must be a pure function of its
+      arguments (and the seed), which is what makes resume exact.
+    loss_fn(model, batch) -> (summed loss, {metric: summed value}); the loop divides by the global "n".
+    evaluate(model) -> {name: value}, run every cfg.eval_every steps and at the end.
+    save_model(folder) / load_model(folder): write / read the weights of a checkpoint (a model folder).
+    grad_accum: micro-batches per optimizer step (get_batch is called with micro = 0 .. grad_accum - 1).
+    dist: an optional `lmforge.train.distributed.Dist` (rank, world size, all-reduce); None = one process.
+    """
+    run_dir = Path(run_dir)
+    is_main = dist is None or dist.rank == 0
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    device = next(model.parameters()).device
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None,
+                 "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.precision]
+    seed_everything(cfg.seed, cfg.deterministic)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio,
+                                       cfg.step_size, cfg.gamma))
+    start = 0
+    if cfg.resume and checkpoints(run_dir):
+        last = checkpoints(run_dir)[-1]
+        state = torch.load(last / "train_state.pt", weights_only=True, map_location="cpu")
+        if load_model is None:
+            raise ValueError("resume needs load_model to restore the weights")
+        load_model(last)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        if dist is not None:
+            dist.check_resume(state)
+        if is_main:
+            print(f"resuming from {last} (step {start})")
+    step_model = torch.compile(model) if cfg.compile else model
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    writer = None
+    metrics_file = None
+    if is_main:
+        metrics_file = open(run_dir / "metrics.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is optional at run time
+            writer = None
+
+    def log(record: dict[str, Any]) -> None:
+        if not is_main:
+            return
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if writer is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    writer.add_scalar(k, v, record["step"])
+
+    def checkpoint(step: int) -> None:
+        if save_model is None:
+            return
+        state = {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(), "rng": rng_state(),
+                 "step": step, "data_position": step, "train_config": asdict(cfg)}
+        if dist is not None:
+            state.update(dist.resume_info())
+        if is_main:
+            _save_checkpoint(run_dir, step, save_model, state, cfg.keep_last)
+        if dist is not None:
+            dist.barrier()
+
+    def run_eval(step: int) -> dict[str, float]:
+        if evaluate is None:
+            return {}
+        model.eval()
+        with torch.no_grad(), autocast(device, amp_dtype):
+            result = evaluate(model)
+        model.train()
+        log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
+        if is_main:
+            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
+        return result
+
+    losses: list[float] = []
+    last_eval: dict[str, float] = {}
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and is_main), dynamic_ncols=True)
+    model.train()
+    t_last, tokens_since = time.perf_counter(), 0
+    end = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
+    for step in range(start, end):
+        micro = [get_batch(step, i) for i in range(grad_accum)]
+        n_total = float(sum(b["n"] for b in micro))
+        if dist is not None:
+            n_total = dist.all_reduce_sum(n_total)
+        n_total = max(n_total, 1.0)
+        sums: dict[str, float] = {}
+        loss_sum = 0.0
+        for i, batch in enumerate(micro):
+            with autocast(device, amp_dtype), (dist.no_sync(model, i < len(micro) - 1) if dist else _null()):
+                loss, metrics = loss_fn(step_model, batch)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    if cfg.skip_nonfinite:
+                        break
+                    raise NonFiniteError(f"step {step + 1}: loss is {loss_value} (not finite); stopping without "
+                                         "writing a checkpoint. Lower train.lr, or set train.skip_nonfinite")
+                (loss * (dist.world_size if dist else 1) / n_total).backward()
+            loss_sum += loss_value
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            tokens_since += int(batch.get("tokens", batch["n"]))
+        else:
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
+                         else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+            elif not cfg.skip_nonfinite:
+                raise NonFiniteError(f"step {step + 1}: gradient norm is {float(grad_norm)}; stopping without writing "
+                                     "a checkpoint. Lower train.lr, or set train.skip_nonfinite")
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            if dist is not None:
+                loss_sum = dist.all_reduce_sum(loss_sum)
+                sums = {k: dist.all_reduce_sum(v) for k, v in sums.items()}
+            loss_mean = loss_sum / n_total
+            losses.append(loss_mean)
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+                now = time.perf_counter()
+                tps = tokens_since * (dist.world_size if dist else 1) / max(now - t_last, 1e-9)
+                t_last, tokens_since = now, 0
+                lr = schedule.get_last_lr()[0]
+                log({"step": step + 1, "loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm),
+                     "tokens_per_s": tps, **{k: v / n_total for k, v in sums.items()}})
+                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            bar.update(1)
+            done = step + 1 == end
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
+                last_eval = run_eval(step + 1)
+            if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done:
+                checkpoint(step + 1)
+            continue
+        # a skipped non-finite micro-batch
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        log({"step": step + 1, "skipped_nonfinite": 1})
+        bar.update(1)
+    bar.close()
+    last_eval = run_eval(end) if evaluate is not None else last_eval
+    if writer is not None:
+        writer.close()
+    if metrics_file is not None:
+        metrics_file.close()
+    return FitResult(end, losses, last_eval, run_dir)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
