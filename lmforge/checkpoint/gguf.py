@@ -55,7 +55,8 @@ _STARCODER = {"digits": True}
 _LLAMA3 = {"split": _LLAMA3_SPLIT, "ignore_merges": True}
 _PRE_TOKENIZERS: dict[str, dict[str, Any]] = {
     **dict.fromkeys(("default", "gpt2", "mpt", "olmo"), _GPT2),
-    **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"), _STARCODER),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone", "minerva"),
+                    _STARCODER),
     **dict.fromkeys(("llama-bpe", "llama3", "llama-v3", "dbrx", "smaug-bpe", "falcon3"), _LLAMA3),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), {"split": _QWEN2_SPLIT}),
 }
@@ -78,12 +79,14 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFConte
     """Read a llama GGUF file: config, dequantized HF-named tensors in `dtype`, tokenizer.
 
     Every problem with the file is a `CheckpointError` that names it (and the tensor or key)."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"read_gguf: dtype must be a floating point type, got {dtype}")
     path = Path(path)
     _check_header(path)
     try:
         reader = _CheckedReader(path)
         if reader.byte_order != "I":
-            raise CheckpointError(f"{path}: GGUF written for the other byte order (big-endian?); not supported")
+            raise CheckpointError(f"{path}: GGUF in the other byte order (big-endian?) is not supported")
         meta = _Metadata(reader, path)
         hf_config = _hf_config(meta)
         tokenizer, tokenizer_config = _tokenizer(meta)
@@ -95,7 +98,7 @@ def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFConte
     return GGUFContents(hf_config, tensors, tokenizer, tokenizer_config)
 
 
-# ---- the file: header and tensor entries --------------------------------------------------------------------
+# ---- the file: header and tensor entries -------------------------------------------------------------------
 
 
 def _check_header(path: Path) -> None:
@@ -134,7 +137,8 @@ class _CheckedReader(GGUFReader):
         except (ValueError, KeyError):
             raise CheckpointError(f"{where}: unknown ggml type {raw_type}") from None
         if dims[0] % block:
-            raise CheckpointError(f"{where}: row length {dims[0]} is not a multiple of the type's block size {block}")
+            raise CheckpointError(f"{where}: row length {dims[0]} is not a multiple of the type's block size "
+                                  f"{block}")
         end = start + math.prod(dims) // block * type_size
         if end > len(self.data):
             raise CheckpointError(f"{where}: data at bytes {start}..{end} runs past the end of the file "
@@ -157,7 +161,8 @@ class _Metadata:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise CheckpointError(f"{self.path}: metadata {key!r} should be of type {kind.__name__}, got {value!r:.80}")
+            raise CheckpointError(f"{self.path}: metadata {key!r} should be of type {kind.__name__}, "
+                                  f"got {value!r:.80}")
         return value
 
     def positive(self, key: str, default: Any = _REQUIRED) -> int:
@@ -180,9 +185,10 @@ def _hf_config(meta: _Metadata) -> dict[str, Any]:
     hidden, n_heads = meta.positive("llama.embedding_length"), meta.positive("llama.attention.head_count")
     n_kv_heads = meta.positive("llama.attention.head_count_kv", n_heads)
     head_dim = meta.positive("llama.attention.key_length", hidden // n_heads or 1)
-    if n_heads % n_kv_heads or head_dim % 2 or meta.get("llama.rope.dimension_count", int, head_dim) != head_dim:
-        raise CheckpointError(f"{meta.path}: impossible attention shape: {n_heads} heads, {n_kv_heads} kv heads, "
-                              f"head_dim {head_dim}, rope over {meta.get('llama.rope.dimension_count', int, head_dim)}")
+    rope_dims = meta.get("llama.rope.dimension_count", int, head_dim)
+    if n_heads % n_kv_heads or head_dim % 2 or rope_dims != head_dim:
+        raise CheckpointError(f"{meta.path}: unsupported attention shape: {n_heads} heads, {n_kv_heads} kv "
+                              f"heads, head_dim {head_dim}, RoPE over {rope_dims} of its dims")
     tokens = meta.get("tokenizer.ggml.tokens", list)
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -206,7 +212,8 @@ def _hf_config(meta: _Metadata) -> dict[str, Any]:
     }
     scaling = meta.get("llama.rope.scaling.type", str, "none")
     if scaling == "linear":
-        config["rope_scaling"] = {"rope_type": "linear", "factor": meta.get("llama.rope.scaling.factor", float)}
+        factor = meta.get("llama.rope.scaling.factor", float)
+        config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     elif scaling != "none":
         raise CheckpointError(f"{meta.path}: rope scaling {scaling!r} is not supported (only none, linear)")
     return config
@@ -225,27 +232,29 @@ def _expected(c: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
 # ---- tensors -----------------------------------------------------------------------------------------------
 
 
-def _tensors(reader: GGUFReader, config: dict[str, Any], path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _tensors(
+    reader: GGUFReader, config: dict[str, Any], path: Path, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """Check names and shapes of all tensors against the config, then dequantize them into HF layout."""
     expected = _expected(config)
     for t in reader.tensors:
         if t.name not in expected:
             raise CheckpointError(f"{path}: unexpected tensor {t.name!r}: not part of a llama model with "
-                                  f"{config['num_hidden_layers']} layers (rope_freqs and MoE are not supported)")
+                                  f"{config['num_hidden_layers']} layers (rope_freqs, MoE are not supported)")
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the row length (ne0) first
         hf, want = expected[t.name]
         if shape != want:
-            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {shape}, but the metadata implies {want} "
-                                  f"for {hf}")
+            raise CheckpointError(f"{path}: tensor {t.name!r} has shape {shape}, but the metadata implies "
+                                  f"{want} for {hf}")
     names = {t.name for t in reader.tensors}
     missing = [g for g in expected if g not in names and g != "output.weight"]  # no output.weight: tied
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
     tensors = {expected[t.name][0]: _dequantize(t, path, dtype) for t in reader.tensors}
     for i in range(config["num_hidden_layers"]):
-        a = f"model.layers.{i}.self_attn."
-        tensors[a + "q_proj.weight"] = _unpermute_rope(tensors[a + "q_proj.weight"], config["num_attention_heads"])
-        tensors[a + "k_proj.weight"] = _unpermute_rope(tensors[a + "k_proj.weight"], config["num_key_value_heads"])
+        q, k = f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.self_attn.k_proj.weight"
+        tensors[q] = _unpermute_rope(tensors[q], config["num_attention_heads"])
+        tensors[k] = _unpermute_rope(tensors[k], config["num_key_value_heads"])
     return tensors
 
 
@@ -275,8 +284,9 @@ def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, Any]]:
     """The byte-level BPE tokenizer described by `tokenizer.ggml.*`, and its tokenizer_config.json dict."""
     kind = meta.get("tokenizer.ggml.model", str)
     if kind != "gpt2":
-        raise CheckpointError(f"{meta.path}: tokenizer model {kind!r} is not supported; only 'gpt2' "
-                              "(byte-level BPE) is" + (" - 'llama' is sentencepiece" if kind == "llama" else ""))
+        what = " ('llama' is sentencepiece)" if kind == "llama" else ""
+        raise CheckpointError(f"{meta.path}: tokenizer model {kind!r}{what} is not supported; only 'gpt2' "
+                              "(byte-level BPE) is")
     pre = meta.get("tokenizer.ggml.pre", str, "default")
     if pre not in _PRE_TOKENIZERS:
         raise CheckpointError(f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported; "
@@ -285,8 +295,8 @@ def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, Any]]:
     tokens: list[str] = meta.get("tokenizer.ggml.tokens", list)
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", list)]
     types: list[int] = meta.get("tokenizer.ggml.token_type", list, [])
-    model = models.BPE({t: i for i, t in enumerate(tokens)}, merges, ignore_merges=style.get("ignore_merges", False))
-    tokenizer = Tokenizer(model)
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=style.get("ignore_merges", False)))
     steps = [pre_tokenizers.Digits(individual_digits=True)] if style.get("digits") else []
     if "split" in style:
         steps.append(pre_tokenizers.Split(Regex(style["split"]), behavior="isolated"))
@@ -296,7 +306,8 @@ def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, Any]]:
     # Control tokens (<|im_start|>…) and user-defined ones are matched whole in raw text, as llama.cpp does.
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t, k in zip(tokens, types) if k == _CONTROL])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == _USER_DEFINED])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, k in zip(tokens, types) if k == _USER_DEFINED])
 
     config: dict[str, Any] = {}
     for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
@@ -317,11 +328,11 @@ def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, Any]]:
 
 def _post_processor(config: dict[str, Any], tokenizer: Tokenizer) -> processors.PostProcessor | None:
     """Add bos/eos around each sequence where the file asks for it (`add_special_tokens=True` in encode)."""
-    bos = config["bos_token"] if config["add_bos_token"] else None
-    eos = config["eos_token"] if config["add_eos_token"] else None
-    if bos is None and eos is None:
+    head = [config["bos_token"]] if config["add_bos_token"] and config["bos_token"] else []
+    tail = [config["eos_token"]] if config["add_eos_token"] and config["eos_token"] else []
+    if not head + tail:
         return None
-    wrap = [t for t in (bos,) if t] + ["$A"] + [t for t in (eos,) if t]
-    pair = wrap + [f"{t}:1" if t[0] != "$" else "$B:1" for t in wrap]
-    specials = [(t, tokenizer.token_to_id(t)) for t in (bos, eos) if t]
-    return processors.TemplateProcessing(single=wrap, pair=pair, special_tokens=list(dict.fromkeys(specials)))
+    pair = [*head, "$A", *tail, *(f"{t}:1" for t in head), "$B:1", *(f"{t}:1" for t in tail)]
+    specials = {t: tokenizer.token_to_id(t) for t in head + tail}
+    return processors.TemplateProcessing(single=[*head, "$A", *tail], pair=pair,
+                                         special_tokens=list(specials.items()))

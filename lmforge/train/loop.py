@@ -216,7 +216,9 @@ def fit(
             dist.check_resume(state)
         if is_main:
             print(f"resuming from {last} (step {start})")
-    step_model = torch.compile(model) if cfg.compile else model
+    # compile the loss function whole: the model and the loss (the fp32 upcast of the logits, log-softmax)
+    # become one graph, so the big (tokens, vocab) intermediates are fused
+    step_loss = torch.compile(loss_fn) if cfg.compile else loss_fn
     params = [p for p in model.parameters() if p.requires_grad]
 
     writer = None
@@ -280,7 +282,7 @@ def fit(
         loss_sum = 0.0
         for i, batch in enumerate(micro):
             with autocast(device, amp_dtype), (dist.no_sync(model, i < len(micro) - 1) if dist else _null()):
-                loss, metrics = loss_fn(step_model, batch)
+                loss, metrics = step_loss(model, batch)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     if cfg.skip_nonfinite:

@@ -21,8 +21,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
                     betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW, fused on CUDA (one kernel for all parameters)."""
-    fused = all(p.is_cuda for p in model.parameters()) and torch.cuda.is_available()
+    """AdamW, fused (one kernel per parameter group) on CUDA and CPU where every parameter is a float tensor
+    on one device type."""
+    types = {p.device.type for p in model.parameters() if p.requires_grad}
+    fused = len(types) == 1 and types <= {"cuda", "cpu"} and all(
+        p.is_floating_point() for p in model.parameters() if p.requires_grad)
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
 
 
