@@ -12,8 +12,8 @@ from lmforge.checkpoint import save
 from lmforge.data.pretrain import PackedDataset, prepare
 from lmforge.recipes.common import ModelSpec, build_model, model_hooks, write_run_config
 from lmforge.tokenizer import Tokenizer, train_tokenizer
-from lmforge.train.losses import next_token_loss
 from lmforge.train.loop import FitResult, TrainConfig, fit
+from lmforge.train.losses import next_token_loss
 
 
 @dataclass
