@@ -132,21 +132,35 @@ def _hf_modules(model: nn.Module, name: str, out_features: int) -> tuple[list[st
     return names, (_split_sizes(template, c, len(names)) if len(names) > 1 else [out_features])
 
 
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors under PEFT's names (A shared by the parts of a fused projection, B split)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in lora_modules(model).items():
+        hf, sizes = _hf_modules(model, name, m.base.out_features)
+        for hf_name, b in zip(hf, m.lora_b.detach().split(sizes, dim=0)):
+            tensors[f"{_PEFT_PREFIX}{hf_name}.lora_A.weight"] = m.lora_a.detach().cpu().clone()
+            tensors[f"{_PEFT_PREFIX}{hf_name}.lora_B.weight"] = b.cpu().contiguous()
+    return tensors
+
+
+def set_adapter_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copies tensors written by `adapter_state` back into the model's existing adapters (exact resume)."""
+    with torch.no_grad():
+        for name, m in lora_modules(model).items():
+            hf, _ = _hf_modules(model, name, m.base.out_features)
+            m.lora_a.copy_(tensors[f"{_PEFT_PREFIX}{hf[0]}.lora_A.weight"])
+            m.lora_b.copy_(torch.cat([tensors[f"{_PEFT_PREFIX}{h}.lora_B.weight"] for h in hf], dim=0))
+
+
 def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model: str | None = None) -> Path:
-    """Writes adapter_config.json + adapter_model.safetensors in the PEFT layout (HF module names)."""
+    """Writes adapter_config.json + adapter_model.safetensors in the PEFT layout (HF module names). Atomic."""
     from lmforge.checkpoint import atomic_folder
 
     mods = lora_modules(model)
     if not mods:
         raise ValueError("the model has no LoRA adapters to save")
-    tensors: dict[str, torch.Tensor] = {}
-    targets: set[str] = set()
-    for name, m in mods.items():
-        hf, sizes = _hf_modules(model, name, m.base.out_features)
-        for hf_name, b in zip(hf, m.lora_b.detach().split(sizes, dim=0)):
-            tensors[f"{_PEFT_PREFIX}{hf_name}.lora_A.weight"] = m.lora_a.detach().cpu().clone()
-            tensors[f"{_PEFT_PREFIX}{hf_name}.lora_B.weight"] = b.cpu().contiguous()
-            targets.add(hf_name.rsplit(".", 1)[-1])
+    tensors = adapter_state(model)
+    targets = {k.removesuffix(".lora_A.weight").rsplit(".", 1)[-1] for k in tensors if k.endswith("lora_A.weight")}
     first = next(iter(mods.values()))
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": first.r, "lora_alpha": first.alpha,

@@ -1,0 +1,74 @@
+"""The quickstart's fine-tuning and alignment data: arithmetic questions in the phrasings of the demo corpus
+(`lmforge.data.demo`), generated from a seed. Validation uses (a, b) pairs that training never sees."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from typing import Any
+
+from lmforge.data.demo import arithmetic
+
+VAL_FRACTION = 0.1
+
+
+def is_val(a: int, b: int, op: str) -> bool:
+    """A fixed ~10% of all (a, op, b) questions, held out for validation whatever the seed."""
+    h = hashlib.blake2b(f"{a}{op}{b}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") < VAL_FRACTION * 2**64
+
+
+def _question(rng: random.Random, split: str) -> tuple[int, int, str]:
+    while True:
+        a, b, op = rng.randint(0, 99), rng.randint(0, 99), rng.choice("+-")
+        if op == "-" and b > a:
+            a, b = b, a
+        if is_val(a, b, op) == (split == "val"):
+            return a, b, op
+
+
+def _phrase(a: int, b: int, op: str, answer: int, kind: int) -> tuple[str, str]:
+    """(prompt, response) in one of the corpus' phrasings: Chinese, English question, bare equation."""
+    if kind == 0:
+        return f"帮我计算{a}{op}{b}的结果", f"等于{answer}"
+    if kind == 1:
+        return f"What is {a}{op}{b}?", str(answer)
+    return f"{a}{op}{b}=", str(answer)
+
+
+def _split(split: str) -> str:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    return split
+
+
+def sft_pairs(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """`n` records `{"prompt", "response"}` such as 帮我计算23+20的结果 -> 等于43, What is 23+20? -> 43."""
+    rng, split = random.Random(f"sft:{split}:{seed}"), _split(split)
+    out = []
+    for _ in range(n):
+        a, b, op = _question(rng, split)
+        prompt, response = _phrase(a, b, op, arithmetic(a, b, op), rng.randrange(3))
+        out.append({"prompt": prompt, "response": response})
+    return out
+
+
+def wrong_answer(rng: random.Random, correct: int) -> int:
+    """A plausible wrong result: off by a few, or by ten (a carry mistake); never negative."""
+    while True:
+        wrong = correct + rng.choice([-10, -2, -1, 1, 2, 10])
+        if wrong >= 0:
+            return wrong
+
+
+def preference_pairs(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
+    """`n` records `{"prompt", "chosen", "rejected"}`: the correct result vs a near miss, same phrasing."""
+    rng, split = random.Random(f"pref:{split}:{seed}"), _split(split)
+    out = []
+    for _ in range(n):
+        a, b, op = _question(rng, split)
+        kind, c = rng.randrange(3), arithmetic(a, b, op)
+        prompt, chosen = _phrase(a, b, op, c, kind)
+        rejected = _phrase(a, b, op, wrong_answer(rng, c), kind)[1]
+        out.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return out
