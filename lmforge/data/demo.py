@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+MAX_OPERAND = 19  # few enough facts (610) that the quickstart's tiny model memorises them while pretraining
 NAMES = ["Alice", "Bob", "Carol", "Dave", "小明", "小红", "Erin", "Frank"]
 THINGS = [("apples", "个苹果"), ("books", "本书"), ("cats", "只猫"), ("stars", "颗星星"), ("cups", "个杯子")]
 
@@ -15,12 +16,15 @@ def arithmetic(a: int, b: int, op: str) -> int:
     return a + b if op == "+" else a - b
 
 
+def operands(rng: random.Random) -> tuple[int, int, str]:
+    """A random (a, b, op) with 0 <= a, b <= MAX_OPERAND and a non-negative result."""
+    a, b, op = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND), rng.choice("+-")
+    return (b, a, op) if op == "-" and b > a else (a, b, op)
+
+
 def fact(rng: random.Random) -> str:
     """One short document: an equation, a worded sum, or a Chinese question with its answer."""
-    a, b = rng.randint(0, 99), rng.randint(0, 99)
-    op = rng.choice("+-")
-    if op == "-" and b > a:
-        a, b = b, a
+    a, b, op = operands(rng)
     c = arithmetic(a, b, op)
     name, (thing_en, thing_zh) = rng.choice(NAMES), rng.choice(THINGS)
     kind = rng.randrange(5)

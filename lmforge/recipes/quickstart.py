@@ -5,6 +5,7 @@ adds a row to the closing table. Fine-tuning and alignment are further stages in
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ class State:
     out: Path
     device: str
     steps: int
+    sft_steps: int = 150
+    align_steps: int = 60
     model_dir: Path | None = None
     rows: list[tuple[str, str, float]] = field(default_factory=list)  # (stage, what it achieved, seconds)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -65,10 +68,83 @@ def stage_samples(s: State) -> str:
     return f"{len(SAMPLE_PROMPTS)} prompts continued"
 
 
+def _write_jsonl(path: Path, records: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def stage_sft(s: State) -> str:
+    """Full fine-tuning on arithmetic Q&A in chat form; held-out questions never seen in training."""
+    from lmforge.data.demo_tasks import sft_pairs
+    from lmforge.recipes.sft import ChatData, SFTConfig
+    from lmforge.recipes.sft import run as sft
+
+    data = s.out / "tasks"
+    cfg = SFTConfig(
+        out_dir=str(s.out / "sft"), model=ModelSpec(init_from=str(s.model_dir), device=s.device),
+        data=ChatData(train=_write_jsonl(data / "sft_train.jsonl", sft_pairs(3000, seed=1)),
+                      val=_write_jsonl(data / "sft_val.jsonl", sft_pairs(60, seed=2, split="val")), max_len=64),
+        batch_size=32, eval_batches=4, eval_max_new_tokens=8,
+        train=TrainConfig(max_steps=s.sft_steps, lr=1e-3, warmup_steps=10, weight_decay=0.0,
+                          eval_every=max(1, s.sft_steps // 2)),
+    )
+    r = sft(cfg).last_eval
+    s.model_dir = Path(cfg.out_dir) / "model"
+    return (f"held-out answer accuracy {r['before_exact_match']:.0%} -> {r['after_exact_match']:.0%} "
+            f"(n={r['after_n']})")
+
+
+def stage_align(s: State) -> str:
+    """DPO on a correct vs a wrong answer to held-out-style questions; reference = a frozen copy."""
+    from lmforge.data.demo_tasks import preference_pairs
+    from lmforge.data.sft import eval_prompts
+    from lmforge.recipes.align import AlignConfig, PreferenceData
+    from lmforge.recipes.align import run as align
+    from lmforge.recipes.sft import answer_accuracy
+
+    data = s.out / "tasks"
+    cfg = AlignConfig(
+        out_dir=str(s.out / "align"), model=ModelSpec(init_from=str(s.model_dir), device=s.device),
+        data=PreferenceData(train=_write_jsonl(data / "pref_train.jsonl", preference_pairs(1500, seed=3)),
+                            val=_write_jsonl(data / "pref_val.jsonl", preference_pairs(60, seed=4, split="val")),
+                            max_len=64),
+        method="dpo", beta=0.1, batch_size=16, eval_batches=4,
+        train=TrainConfig(max_steps=s.align_steps, lr=2e-4, warmup_steps=5, weight_decay=0.0,
+                          eval_every=max(1, s.align_steps // 2)),
+    )
+    r = align(cfg).last_eval
+    s.model_dir = Path(cfg.out_dir) / "model"
+    from lmforge.checkpoint import load
+
+    model, tok = load(s.model_dir, device=s.device)
+    acc = answer_accuracy(model, tok, eval_prompts(str(data / "sft_val.jsonl"), tok), 8)["exact_match"]
+    return (f"held-out preference accuracy {r['before_pref_acc']:.0%} -> {r['pref_acc']:.0%}, "
+            f"reward accuracy {r['reward_acc']:.0%}; answer accuracy after {acc:.0%}")
+
+
+def stage_chat(s: State) -> str:
+    from lmforge.checkpoint import load
+    from lmforge.generate import generate
+
+    model, tok = load(s.model_dir, device=s.device)
+    print("\nchat with the aligned model:")
+    for q in ("帮我计算23+20的结果", "What is 45-12?"):
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        reply = tok.decode(generate(model, [ids], max_new_tokens=12, tokenizer=tok)[0], skip_special_tokens=True)
+        print(f"  user: {q}\n  assistant: {reply}")
+    return "2 chat turns"
+
+
 STAGES: list[tuple[str, Callable[[State], str]]] = [
     ("corpus", stage_corpus),
     ("tokenizer + pretrain", stage_pretrain),
     ("samples", stage_samples),
+    ("SFT", stage_sft),
+    ("align (DPO)", stage_align),
+    ("chat", stage_chat),
 ]
 
 
