@@ -189,7 +189,7 @@ def run(argv: list[str] | None = None) -> None:
             if a.chat else a.prompt
         ids = tok.encode(prompt)
         if a.stream:
-            for piece in stream(model, ids, tokenizer=tok, **_sampling(a)):
+            for piece in stream(model, tok, ids, **_sampling(a)):
                 print(piece, end="", flush=True)
             print()
         else:
@@ -269,15 +269,20 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
 def main(argv: list[str] | None = None) -> None:
     from lmforge.checkpoint import CheckpointError
     from lmforge.config import ConfigError
+    from lmforge.train.distributed import DistributedError, shutdown
 
     try:
         run(argv)
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except DistributedError as e:  # another process died or hung (under torchrun)
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    shutdown()  # end the process group of a torchrun run (a no-op otherwise)
 
 
 if __name__ == "__main__":

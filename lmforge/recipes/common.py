@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 import yaml
 
-from lmforge.checkpoint import load, load_weights, write_model_folder
+from lmforge.checkpoint import load, load_weights, save, write_model_folder
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
 from lmforge.utils import resolve_device, resolve_dtype
@@ -37,10 +38,12 @@ class ModelSpec:
 
 
 def build_model(spec: ModelSpec, vocab_size: int | None = None, seq_len: int | None = None,
-                seed: int = 0) -> tuple[Transformer, Any]:
+                seed: int = 0, dist: Any = None) -> tuple[Transformer, Any]:
     """A fresh model from the preset (vocab and context fitted to the tokenizer and data), or a loaded one.
-    Returns (model, tokenizer-or-None); only a loaded checkpoint brings a tokenizer."""
-    device, dtype = resolve_device(spec.device), resolve_dtype(spec.dtype)
+    Returns (model, tokenizer-or-None); only a loaded checkpoint brings a tokenizer. Under torchrun (`dist`)
+    each process builds it on its own device (FSDP shards it later, in `fit`)."""
+    device = dist.device if dist is not None else resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype)
     if spec.init_from:
         model, tokenizer = load(spec.init_from, device=device, dtype=dtype)
         if vocab_size is not None and vocab_size > model.config.vocab_size:
@@ -62,6 +65,24 @@ def model_hooks(model: Transformer, tokenizer: Any):
     """`save_model` / `load_model` for fit: a checkpoint's weights are a normal model folder."""
     return (lambda folder: write_model_folder(model, tokenizer, Path(folder)),
             lambda folder: load_weights(model, folder))
+
+
+def init_run_distributed(cfg: Any, dist: Any = None) -> Any:
+    """The `Dist` of this process for recipe config `cfg` (its train.strategy, train.dist_timeout and
+    model.device), or None for one process; `dist` when the caller made one already."""
+    from lmforge.train.distributed import init_distributed
+
+    if dist is not None:
+        return dist
+    return init_distributed(cfg.train.strategy, cfg.train.dist_timeout, cfg.model.device)
+
+
+def save_final(model: Transformer, tokenizer: Any, folder: str | Path, dist: Any = None) -> None:
+    """<out_dir>/model at the end of a run: written by rank 0; under FSDP every process helps gather it."""
+    with dist.gathered(model) if dist is not None else nullcontext():
+        if dist is None or dist.rank == 0:
+            save(model, tokenizer, folder)
+            print(f"wrote {folder}")
 
 
 def write_run_config(out_dir: str | Path, cfg: Any) -> None:

@@ -8,9 +8,15 @@ from pathlib import Path
 
 import torch
 
-from lmforge.checkpoint import save
 from lmforge.data.pretrain import PackedDataset, prepare
-from lmforge.recipes.common import ModelSpec, build_model, model_hooks, write_run_config
+from lmforge.recipes.common import (
+    ModelSpec,
+    build_model,
+    init_run_distributed,
+    model_hooks,
+    save_final,
+    write_run_config,
+)
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.loop import FitResult, TrainConfig, fit
 from lmforge.train.losses import next_token_loss
@@ -49,7 +55,8 @@ class PretrainConfig:
         out_dir: the run folder: checkpoints/, metrics.jsonl, tensorboard/, config.yaml, and model/ at the end.
         model: the model to train (a preset, or init_from a checkpoint for continued pretraining).
         data: the corpus and tokenizer.
-        batch_size: sequences per optimizer step (the global batch, across all processes).
+        batch_size: sequences per optimizer step (the global batch, across all processes: with N processes
+            each reads batch_size / N of them, so the result does not depend on N).
         micro_batch_size: sequences per forward/backward; 0 = the whole batch at once (per process).
         eval_batches: validation batches per evaluation (0 = none).
         train: the optimizer, schedule and loop settings.
@@ -64,8 +71,9 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def prepare_tokens(cfg: PretrainConfig, tokenizer: Tokenizer | None) -> tuple[Tokenizer, Path]:
-    """The tokenizer and the prepared token folder of a run (training / preparing what is missing)."""
+def prepare_tokens(cfg: PretrainConfig, tokenizer: Tokenizer | None, build: bool = True) -> tuple[Tokenizer, Path]:
+    """The tokenizer and the prepared token folder of a run (training / preparing what is missing; with
+    build=False only finding what another process made)."""
     d, out = cfg.data, Path(cfg.out_dir)
     if d.tokenizer:
         tokenizer = Tokenizer.from_folder(d.tokenizer)
@@ -75,6 +83,8 @@ def prepare_tokens(cfg: PretrainConfig, tokenizer: Tokenizer | None) -> tuple[To
         return tokenizer, Path(d.prepared)
     if not d.sources:
         raise ValueError("give data.sources (raw text) or data.prepared (a `lmforge prepare` folder)")
+    if tokenizer is None and not build:
+        tokenizer = Tokenizer.from_folder(out / "tokenizer")
     if tokenizer is None:
         print(f"training a {d.vocab_size}-token byte-level BPE tokenizer on {len(d.sources)} source(s)")
         from lmforge.data.pretrain import resolve_sources
@@ -82,6 +92,8 @@ def prepare_tokens(cfg: PretrainConfig, tokenizer: Tokenizer | None) -> tuple[To
         tokenizer = train_tokenizer(resolve_sources(d.sources), d.vocab_size)
         tokenizer.save(out / "tokenizer")
     data_dir = Path(d.prepared) if d.prepared else out / "data"
+    if not build:
+        return tokenizer, data_dir
     prepare(d.sources, tokenizer, data_dir, val_fraction=d.val_fraction, skip_bad_lines=d.skip_bad_lines,
             seed=cfg.train.seed)
     return tokenizer, data_dir
@@ -104,21 +116,23 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
 
 
 def run(cfg: PretrainConfig, dist=None) -> FitResult:
-    """Prepares data (when needed), builds the model, trains, and writes <out_dir>/model."""
+    """Prepares data (when needed), builds the model, trains, and writes <out_dir>/model. Under torchrun
+    (cfg.train.strategy) every process runs this; rank 0 prepares the data, prints and writes."""
     out = Path(cfg.out_dir)
+    dist = init_run_distributed(cfg, dist)
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
     if rank == 0:
         write_run_config(out, cfg)
-    model, tokenizer = build_model(cfg.model, None, cfg.data.seq_len, cfg.train.seed) if cfg.model.init_from \
-        else (None, None)
-    if dist is None or rank == 0:
+    model, tokenizer = build_model(cfg.model, None, cfg.data.seq_len, cfg.train.seed, dist) \
+        if cfg.model.init_from else (None, None)
+    if rank == 0:
         tokenizer, data_dir = prepare_tokens(cfg, tokenizer)
     if dist is not None:
         dist.barrier()
         if rank != 0:
-            tokenizer, data_dir = prepare_tokens(cfg, tokenizer)  # everything is complete: only reads
+            tokenizer, data_dir = prepare_tokens(cfg, tokenizer, build=False)  # made by rank 0: only read
     if model is None:
-        model, _ = build_model(cfg.model, tokenizer.vocab_size, cfg.data.seq_len, cfg.train.seed)
+        model, _ = build_model(cfg.model, tokenizer.vocab_size, cfg.data.seq_len, cfg.train.seed, dist)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only {model.config.vocab_size}")
     train = PackedDataset(data_dir, "train", cfg.data.seq_len)
@@ -139,9 +153,12 @@ def run(cfg: PretrainConfig, dist=None) -> FitResult:
         rows = slice(i * micro, (i + 1) * micro)
         return {"x": x[rows].to(device), "y": y[rows].to(device), "n": y[rows].numel()}
 
+    # the same validation windows whatever the number of processes; each process runs `micro` rows at a time
+    eval_rows, eval_batch = cfg.eval_batches * (cfg.micro_batch_size or cfg.batch_size), micro * world
+
     def evaluate(m) -> dict[str, float]:
         total, n = 0.0, 0
-        for x, y in val.eval_batches(micro, cfg.eval_batches, rank=rank, world_size=world):
+        for x, y in val.eval_batches(eval_batch, -(-eval_rows // eval_batch), rank=rank, world_size=world):
             loss, k = next_token_loss(m(x.to(device)), y.to(device))
             total, n = total + float(loss), n + k
         if dist is not None:
@@ -150,10 +167,7 @@ def run(cfg: PretrainConfig, dist=None) -> FitResult:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     save_model, load_model = model_hooks(model, tokenizer)
-    wrapped = dist.wrap(model) if dist is not None else model
-    result = fit(wrapped, get_batch, lm_loss, cfg.train, out, evaluate=evaluate if val is not None else None,
+    result = fit(model, get_batch, lm_loss, cfg.train, out, evaluate=evaluate if val is not None else None,
                  save_model=save_model, load_model=load_model, grad_accum=accum, dist=dist)
-    if rank == 0:
-        save(model, tokenizer, out / "model")
-        print(f"wrote {out / 'model'}")
+    save_final(model, tokenizer, out / "model", dist)
     return result

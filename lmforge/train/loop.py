@@ -58,6 +58,10 @@ class TrainConfig:
         progress: show a progress bar.
         stop_at: end this session after this step (0 = run to max_steps), with a checkpoint there;
             `resume` continues later exactly as if never stopped (the schedule still spans max_steps).
+        strategy: processes under torchrun: auto (single for one process, else ddp), single, ddp (a whole model
+            per process, gradients all-reduced) or fsdp (parameters, gradients and optimizer state sharded).
+        dist_timeout: seconds a process waits for the others in a collective before the run stops with an
+            error (a dead or hung process then ends the run instead of hanging it).
     """
 
     max_steps: int = 100
@@ -83,12 +87,18 @@ class TrainConfig:
     skip_nonfinite: bool = False
     progress: bool = True
     stop_at: int = 0
+    strategy: str = "auto"
+    dist_timeout: float = 1800.0
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "constant", "step"):
             raise ValueError(f"train.schedule={self.schedule!r} is not one of cosine, constant, step")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"train.precision={self.precision!r} is not one of auto, bf16, fp16, fp32")
+        if self.strategy not in ("auto", "single", "ddp", "fsdp"):
+            raise ValueError(f"train.strategy={self.strategy!r} is not one of auto, single, ddp, fsdp")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"train.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         for name in ("max_steps", "keep_last"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -142,13 +152,16 @@ def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def _save_checkpoint(run_dir: Path, step: int, save_model: Callable[[Path], None], state: dict, keep: int) -> None:
+def _save_checkpoint(folder: Path, save_model: Callable[[Path], None], state: dict) -> None:
     from lmforge.checkpoint import atomic_folder
 
-    root = run_dir / "checkpoints"
-    with atomic_folder(root / f"step-{step}") as tmp:
+    with atomic_folder(folder) as tmp:
         save_model(tmp)
         torch.save(state, tmp / "train_state.pt")
+
+
+def _prune_checkpoints(run_dir: Path, keep: int) -> None:
+    root = run_dir / "checkpoints"
     for old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".step-*.tmp-*"):  # left by a killed writer
@@ -186,36 +199,49 @@ def fit(
     loss_fn(model, batch) -> (summed loss, {metric: summed value}); the loop divides by the global "n".
     evaluate(model) -> {name: value}, run every cfg.eval_every steps and at the end.
     save_model(folder) / load_model(folder): write / read the weights of a checkpoint (a model folder).
+      Under FSDP, save_model runs on rank 0 inside `dist.gathered(model)`, where the model's state_dict()
+      holds the full weights; load_model reads into the plain model, before it is sharded.
     grad_accum: micro-batches per optimizer step (get_batch is called with micro = 0 .. grad_accum - 1).
-    dist: an optional `lmforge.train.distributed.Dist` (rank, world size, all-reduce); None = one process.
+    dist: an optional `lmforge.train.distributed.Dist`; None = one process. `fit` wraps the model itself
+      (DDP, or FSDP which shards `model` in place): pass the plain model. get_batch then returns this
+      process's share of the global batch, and the result does not depend on the number of processes.
     """
     run_dir = Path(run_dir)
     is_main = dist is None or dist.rank == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    device = next(model.parameters()).device
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None,
-                 "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.precision]
     seed_everything(cfg.seed, cfg.deterministic)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio,
-                                       cfg.step_size, cfg.gamma))
-    start = 0
+    world = dist.world_size if dist is not None else 1
+    state, last = None, None
     if cfg.resume and checkpoints(run_dir):
         last = checkpoints(run_dir)[-1]
         state = torch.load(last / "train_state.pt", weights_only=True, map_location="cpu")
         if load_model is None:
             raise ValueError("resume needs load_model to restore the weights")
-        load_model(last)
-        optimizer.load_state_dict(state["optimizer"])
+        load_model(last)  # into the plain model: whole weights, before DDP copies them or FSDP shards them
+    if dist is not None:
+        model = dist.wrap(model)
+    device = next(model.parameters()).device
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None,
+                 "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.precision]
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio,
+                                       cfg.step_size, cfg.gamma))
+    start = 0
+    if state is not None:
+        from lmforge.train.distributed import load_optimizer_state
+
+        load_optimizer_state(last, model, optimizer, state)  # whichever strategy and world size wrote it
         schedule.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         start = state["step"]
-        if dist is not None:
-            dist.check_resume(state)
         if is_main:
-            print(f"resuming from {last} (step {start})")
+            written = state.get("world_size", 1)
+            print(f"resuming from {last} (step {start})" + (
+                f"; it was written by {written} process(es), this run has {world}: the data position is the "
+                "step and each global batch is the same whatever the number of processes, so training goes "
+                "on as if unchanged" if written != world else ""))
     # compile the loss function whole: the model and the loss (the fp32 upcast of the logits, log-softmax)
     # become one graph, so the big (tokens, vocab) intermediates are fused
     step_loss = torch.compile(loss_fn) if cfg.compile else loss_fn
@@ -245,14 +271,15 @@ def fit(
     def checkpoint(step: int) -> None:
         if save_model is None:
             return
-        state = {"optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(), "rng": rng_state(),
-                 "step": step, "data_position": step, "train_config": asdict(cfg)}
-        if dist is not None:
-            state.update(dist.resume_info())
+        state = {"scheduler": schedule.state_dict(), "rng": rng_state(), "step": step, "data_position": step,
+                 "train_config": asdict(cfg), "world_size": world, "strategy": dist.strategy if dist else "single"}
+        folder = run_dir / "checkpoints" / f"step-{step}"
+        if dist is None:
+            _save_checkpoint(folder, save_model, {**state, "optimizer": optimizer.state_dict()})
+        else:
+            dist.save_checkpoint(folder, model, optimizer, save_model, state)  # every process takes part
         if is_main:
-            _save_checkpoint(run_dir, step, save_model, state, cfg.keep_last)
-        if dist is not None:
-            dist.barrier()
+            _prune_checkpoints(run_dir, cfg.keep_last)
 
     def run_eval(step: int) -> dict[str, float]:
         if evaluate is None:
@@ -289,15 +316,17 @@ def fit(
                         break
                     raise NonFiniteError(f"step {step + 1}: loss is {loss_value} (not finite); stopping without "
                                          "writing a checkpoint. Lower train.lr, or set train.skip_nonfinite")
-                (loss * (dist.world_size if dist else 1) / n_total).backward()
+                # DDP and FSDP average gradients over processes; x world turns that into the global sum
+                (loss * world / n_total).backward()
             loss_sum += loss_value
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             tokens_since += int(batch.get("tokens", batch["n"]))
         else:
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0
-                         else torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-            if torch.isfinite(grad_norm):
+            # the global norm, also over FSDP's sharded gradients (DTensors)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else
+                              torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            if math.isfinite(grad_norm):
                 optimizer.step()
             elif not cfg.skip_nonfinite:
                 raise NonFiniteError(f"step {step + 1}: gradient norm is {float(grad_norm)}; stopping without writing "
@@ -311,7 +340,7 @@ def fit(
             losses.append(loss_mean)
             if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
                 now = time.perf_counter()
-                tps = tokens_since * (dist.world_size if dist else 1) / max(now - t_last, 1e-9)
+                tps = tokens_since * world / max(now - t_last, 1e-9)
                 t_last, tokens_since = now, 0
                 lr = schedule.get_last_lr()[0]
                 log({"step": step + 1, "loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm),

@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from lmforge.train.losses import (IGNORE, dpo_loss, ipo_loss, next_token_loss, orpo_loss, sequence_logprobs,
-                                  simpo_loss)
+from lmforge.train.losses import (
+    IGNORE,
+    dpo_loss,
+    ipo_loss,
+    next_token_loss,
+    orpo_loss,
+    sequence_logprobs,
+    simpo_loss,
+)
 
 t = torch.tensor
 
