@@ -121,11 +121,21 @@ class Attention(nn.Module):
             k, v = self.cache.update(pos, k, v)  # (B, K, max_len, D)
             if mask is not None and mask.shape[-1] < k.shape[2]:  # attend only to the filled prefix
                 k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
-        if K != H:
-            # expand (a view) to H heads; SDPA's math path would copy anyway for enable_gqa on CPU
+        if K != H and T == 1:
+            # decoding: the H // K query heads that share a K/V head attend as H // K query rows of it, so
+            # the cache is read as it is, never expanded (a copy of all of it, every layer, every token)
+            q = q.reshape(B, K, H // K, D)  # (B, K, G, D)
+            if mask is not None and mask.shape[1] == H:  # per-head ALiBi bias (B|1, H, 1, S)
+                mask = mask.reshape(mask.shape[0], K, H // K, mask.shape[-1])  # (B|1, K, G, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, 1, D)  # (B, H, 1, D)
+            return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, 1, dim)
+        gqa = K != H and x.is_cuda  # CUDA kernels (flash) read shared K/V heads in place
+        if K != H and not gqa:
+            # on CPU the kernels want H heads: expand (a view), flattened into a copy
             k = k[:, :, None].expand(B, K, H // K, *k.shape[2:]).flatten(1, 2)  # (B, H, S, D)
             v = v[:, :, None].expand(B, K, H // K, *v.shape[2:]).flatten(1, 2)  # (B, H, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=gqa)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, H * D) -> (B, T, dim)
 
 
@@ -279,6 +289,7 @@ class Transformer(nn.Module):
         rope = None
         if c.position == "rope":
             cos, sin = self.rope_cos[pos_ids], self.rope_sin[pos_ids]  # (T, r/2) or (B, T, r/2)
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # cast once here, not in every layer
             rope = (cos, sin) if cos.dim() == 2 else (cos[:, None], sin[:, None])  # (B, 1, T, r/2)
 
         if cached and mask is None:

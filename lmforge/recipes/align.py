@@ -16,7 +16,7 @@ import torch
 
 from lmforge.checkpoint import save
 from lmforge.lora import disable_adapters, lora_modules, merge_lora, save_adapter
-from lmforge.recipes.common import ModelSpec, build_model, write_run_config
+from lmforge.recipes.common import ModelSpec, build_model, init_run_distributed, save_final, write_run_config
 from lmforge.recipes.sft import LoRASpec, _to, lora_hooks, setup_lora
 from lmforge.train.loop import FitResult, TrainConfig, fit
 from lmforge.train.losses import dpo_loss, ipo_loss, orpo_loss, sequence_logprobs, simpo_loss
@@ -188,12 +188,13 @@ def run(cfg: AlignConfig, dist=None) -> FitResult:
     from lmforge.data.preference import PreferenceDataset, load_preferences
 
     out = Path(cfg.out_dir)
+    dist = init_run_distributed(cfg, dist)
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
     if rank == 0:
         write_run_config(out, cfg)
     if not cfg.model.init_from:
         raise ValueError("model.init_from: alignment starts from a checkpoint (usually an SFT output)")
-    model, tokenizer = build_model(cfg.model, seed=cfg.train.seed)
+    model, tokenizer = build_model(cfg.model, seed=cfg.train.seed, dist=dist)
     if tokenizer is None:
         raise ValueError(f"{cfg.model.init_from}: no tokenizer found next to the model")
 
@@ -205,7 +206,7 @@ def run(cfg: AlignConfig, dist=None) -> FitResult:
     if not cfg.data.train:
         raise ValueError("data.train: give a JSONL file of preference pairs")
     train, val = dataset(cfg.data.train), (dataset(cfg.data.val) if cfg.data.val else None)
-    setup_lora(model, cfg)
+    setup_lora(model, cfg, dist)
     from lmforge.recipes.pretrain import split_batch
 
     micro, accum = split_batch(cfg.batch_size, cfg.micro_batch_size, world)
@@ -237,11 +238,12 @@ def run(cfg: AlignConfig, dist=None) -> FitResult:
         return _to(out, device)
 
     save_model, load_model = lora_hooks(model, tokenizer)
-    wrapped = dist.wrap(model) if dist is not None else model
-    result = fit(wrapped, get_batch, loss_fn, cfg.train, out,
+    result = fit(model, get_batch, loss_fn, cfg.train, out,
                  evaluate=(lambda m: preference_metrics(m, val, val_loss_fn, micro, cfg.eval_batches)) if val else None,
                  save_model=save_model, load_model=load_model, grad_accum=accum, dist=dist)
-    if rank == 0:
+    if dist is not None and dist.strategy == "fsdp":
+        save_final(model, tokenizer, out / "model", dist)
+    elif rank == 0:
         if before:
             after = result.last_eval
             print("held-out preference metrics (before -> after):")

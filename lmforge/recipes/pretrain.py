@@ -160,7 +160,7 @@ def run(cfg: PretrainConfig, dist=None) -> FitResult:
         total, n = 0.0, 0
         for x, y in val.eval_batches(eval_batch, -(-eval_rows // eval_batch), rank=rank, world_size=world):
             loss, k = next_token_loss(m(x.to(device)), y.to(device))
-            total, n = total + float(loss), n + k
+            total, n = total + float(loss), n + int(k)
         if dist is not None:
             total, n = dist.all_reduce_sum(total), dist.all_reduce_sum(n)
         loss = total / max(n, 1)

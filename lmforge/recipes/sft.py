@@ -23,7 +23,14 @@ from lmforge.lora import (
     set_adapter_state,
     trainable_parameters,
 )
-from lmforge.recipes.common import ModelSpec, build_model, model_hooks, write_run_config
+from lmforge.recipes.common import (
+    ModelSpec,
+    build_model,
+    init_run_distributed,
+    model_hooks,
+    save_final,
+    write_run_config,
+)
 from lmforge.train.loop import FitResult, TrainConfig, fit
 from lmforge.train.losses import next_token_loss
 
@@ -140,7 +147,9 @@ def load_chat_data(cfg, tokenizer, max_len: int, pack: bool, seq_len: int | None
     return one(cfg.train), (one(cfg.val) if cfg.val else None)
 
 
-def setup_lora(model, cfg: SFTConfig | Any) -> None:
+def setup_lora(model, cfg: SFTConfig | Any, dist: Any = None) -> None:
+    if (cfg.adapter or cfg.lora.enabled) and dist is not None and dist.strategy == "fsdp":
+        raise ValueError("LoRA with train.strategy fsdp is not supported (adapters are small: use ddp)")
     if cfg.adapter:
         load_adapter(model, cfg.adapter)
         for m in lora_modules(model).values():
@@ -171,12 +180,13 @@ def run(cfg: SFTConfig, dist=None) -> FitResult:
     from lmforge.data.sft import eval_prompts
 
     out = Path(cfg.out_dir)
+    dist = init_run_distributed(cfg, dist)
     rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
     if rank == 0:
         write_run_config(out, cfg)
     if not cfg.model.init_from:
         raise ValueError("model.init_from: fine-tuning starts from a checkpoint (HF folder, run output, .gguf)")
-    model, tokenizer = build_model(cfg.model, seed=cfg.train.seed)
+    model, tokenizer = build_model(cfg.model, seed=cfg.train.seed, dist=dist)
     if tokenizer is None:
         raise ValueError(f"{cfg.model.init_from}: no tokenizer found next to the model")
     train, val = load_chat_data(cfg.data, tokenizer, cfg.data.max_len, cfg.data.pack)
@@ -185,7 +195,7 @@ def run(cfg: SFTConfig, dist=None) -> FitResult:
     if before:
         print(f"held-out answer accuracy before: exact {before['exact_match']:.1%}, contains {before['contains']:.1%}"
               f" (n={before['n']})")
-    setup_lora(model, cfg)
+    setup_lora(model, cfg, dist)
     from lmforge.recipes.pretrain import split_batch
 
     micro, accum = split_batch(cfg.batch_size, cfg.micro_batch_size, world)
@@ -208,10 +218,12 @@ def run(cfg: SFTConfig, dist=None) -> FitResult:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     save_model, load_model = lora_hooks(model, tokenizer)
-    wrapped = dist.wrap(model) if dist is not None else model
-    result = fit(wrapped, get_batch, masked_lm_loss, cfg.train, out, evaluate=evaluate if val is not None else None,
+    result = fit(model, get_batch, masked_lm_loss, cfg.train, out, evaluate=evaluate if val is not None else None,
                  save_model=save_model, load_model=load_model, grad_accum=accum, dist=dist)
-    if rank == 0:
+    sharded = dist is not None and dist.strategy == "fsdp"
+    if sharded:
+        save_final(model, tokenizer, out / "model", dist)
+    elif rank == 0:
         after = answer_accuracy(model, tokenizer, prompts, cfg.eval_max_new_tokens) if prompts else {}
         if lora_modules(model):
             save_adapter(model, out / "adapter", base_model=cfg.model.init_from)

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 IGNORE = -100  # label of a position that does not count (prompt, padding)
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of logits (B, T, V) against labels (B, T) already shifted so that labels[:, t]
-    is the token after position t; positions labelled IGNORE do not count. Returns (sum, n_tokens)."""
+    is the token after position t; positions labelled IGNORE do not count. Returns (sum, n_tokens), both
+    tensors (no host sync, so a compiled loss stays one graph)."""
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
-    return loss, int((labels != IGNORE).sum())
+    return loss, (labels != IGNORE).sum()
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

