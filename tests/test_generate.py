@@ -139,6 +139,11 @@ def test_smollm2_greedy_matches_transformers_from_gguf(smol):
     model, tok, ids = smol
     path = _smol_path()
     ref = tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    prompts = [ids, tok.encode("The quick brown fox jumps over"), tok.encode("def add(a, b):\n    return")]
+    with torch.no_grad():  # the same logits on a few prompts, not only the same argmax
+        for p in prompts:
+            x = torch.tensor([p])
+            torch.testing.assert_close(model(x), ref(x).logits, atol=1e-3, rtol=1e-3)
     out = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_id)
     expected = [t for t in out[0, len(ids):].tolist() if t != tok.eos_id]
     ours = generate(model, ids, 24, tokenizer=tok)[0]

@@ -248,4 +248,5 @@ def _micro(batch: dict, i: int, micro: int, device) -> dict:
     rows = slice(i * micro, (i + 1) * micro)
     out = {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
     out["n"] = int((out["y"] != -100).sum())
+    out["tokens"] = out["x"].numel()  # positions processed, for the tokens/s figure
     return _to(out, device)
