@@ -91,7 +91,7 @@ def make_step(which: str, model: torch.nn.Module) -> Callable[[dict], float]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -125,28 +125,35 @@ def child_memory(which: str, folder: Path, args) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
-def run_child(args) -> None:
+def peak_rss_mib(run: Callable[[], object]) -> float:
+    """Peak RSS while `run()` runs, above the RSS just before it, in MiB (sampled every 2 ms)."""
     import gc
 
-    folder = Path(args.model_dir)
-    model = load_side(args.child, folder)
-    step = make_step(args.child, model)
-    data = batches(folder, args)
     gc.collect()
     base, peak, running = _rss_mib(), [0.0], [True]
 
-    def sample() -> None:  # RSS high-water mark above the state after building the model, adapters and data
+    def sample() -> None:
         while running[0]:
             peak[0] = max(peak[0], _rss_mib())
             time.sleep(0.002)
 
     t = threading.Thread(target=sample)
     t.start()
-    for b in data:
-        step(b)
-    running[0] = False
-    t.join()
-    print(json.dumps({"peak_mib": peak[0] - base}))
+    try:
+        run()
+    finally:
+        running[0] = False
+        t.join()
+    return max(peak[0], _rss_mib()) - base
+
+
+def run_child(args) -> None:
+    """Memory: one side alone, its peak above the state after building the model, adapters and data."""
+    folder = Path(args.model_dir)
+    model = load_side(args.child, folder)
+    step = make_step(args.child, model)
+    data = batches(folder, args)
+    print(json.dumps({"peak_mib": peak_rss_mib(lambda: [step(b) for b in data])}))
 
 
 def main() -> None:

@@ -251,13 +251,16 @@ class Transformer(nn.Module):
         return None if cache is None else cache.k.shape[2]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for `input_ids` (B, T).
 
         positions: (T,) where these tokens sit in the sequence, and their KV-cache slots; default 0..T-1.
         mask: optional bool (B or 1, 1, T, S) — True where a query may attend to a key; default causal.
           With a cache, S is the number of filled slots (keys beyond are ignored).
         position_ids: optional (B, T) per-row positions for the position encoding (left-padded batches).
+        logits_at: optional bool (B, T): compute the LM head only there and return (N, vocab) logits for
+          the N selected positions — fine-tuning needs them at answer tokens only (saves the big matmul).
         """
         c = self.config
         if input_ids.dim() != 2:
@@ -302,7 +305,8 @@ class Transformer(nn.Module):
         try:
             for block in self.layers:
                 x = block(x, rope, mask, positions, c.rope_interleaved)
-            return self.lm_head(self.norm(x))
+            x = self.norm(x)
+            return self.lm_head(x if logits_at is None else x[logits_at.to(x.device)])
         except RuntimeError as e:
             msg = str(e)
             if "same device" in msg or "dtype" in msg or "scalar type" in msg:

@@ -69,6 +69,8 @@ def stage_samples(s: State) -> str:
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> str:
+    """Writes records (first of each prompt only) as JSONL; returns the path."""
+    records = list({r["prompt"]: r for r in reversed(records)}.values())[::-1]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
@@ -86,7 +88,7 @@ def stage_sft(s: State) -> str:
     cfg = SFTConfig(
         out_dir=str(s.out / "sft"), model=ModelSpec(init_from=str(s.model_dir), device=s.device),
         data=ChatData(train=_write_jsonl(data / "sft_train.jsonl", sft_pairs(3000, seed=1)),
-                      val=_write_jsonl(data / "sft_val.jsonl", sft_pairs(60, seed=2, split="val")), max_len=64),
+                      val=_write_jsonl(data / "sft_val.jsonl", sft_pairs(80, seed=2, split="val")), max_len=64),
         batch_size=32, eval_batches=4, eval_max_new_tokens=8,
         train=TrainConfig(max_steps=s.sft_steps, lr=1e-3, warmup_steps=10, weight_decay=0.0,
                           eval_every=max(1, s.sft_steps // 2)),
@@ -109,7 +111,7 @@ def stage_align(s: State) -> str:
     cfg = AlignConfig(
         out_dir=str(s.out / "align"), model=ModelSpec(init_from=str(s.model_dir), device=s.device),
         data=PreferenceData(train=_write_jsonl(data / "pref_train.jsonl", preference_pairs(1500, seed=3)),
-                            val=_write_jsonl(data / "pref_val.jsonl", preference_pairs(60, seed=4, split="val")),
+                            val=_write_jsonl(data / "pref_val.jsonl", preference_pairs(80, seed=4, split="val")),
                             max_len=64),
         method="dpo", beta=0.1, batch_size=16, eval_batches=4,
         train=TrainConfig(max_steps=s.align_steps, lr=2e-4, warmup_steps=5, weight_decay=0.0,

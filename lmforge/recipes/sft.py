@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lmforge.checkpoint import save
@@ -32,7 +33,7 @@ from lmforge.recipes.common import (
     write_run_config,
 )
 from lmforge.train.loop import FitResult, TrainConfig, fit
-from lmforge.train.losses import next_token_loss
+from lmforge.train.losses import IGNORE
 
 
 @dataclass
@@ -128,9 +129,10 @@ def answer_accuracy(model, tokenizer, prompts: list[tuple[list[int], str]], max_
 
 
 def masked_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
-    logits = model(batch["x"], mask=batch.get("mask"), position_ids=batch.get("position_ids"))
-    loss, _ = next_token_loss(logits, batch["y"])
-    return loss, {}
+    """Summed cross-entropy over answer tokens; the LM head runs at those positions only."""
+    counted = batch["y"] != IGNORE  # (B, T)
+    logits = model(batch["x"], mask=batch.get("mask"), position_ids=batch.get("position_ids"), logits_at=counted)
+    return F.cross_entropy(logits.float(), batch["y"][counted], reduction="sum"), {}
 
 
 def load_chat_data(cfg, tokenizer, max_len: int, pack: bool, seq_len: int | None = None) -> tuple[Any, Any]:

@@ -74,3 +74,20 @@ def test_orpo_matches_paper_formula():
     loss, lc, lr = orpo_loss(t([-0.5]), t([-1.0]), nll_chosen=t([0.5]), lam=0.1)
     assert float(loss) == pytest.approx(0.532030, abs=1e-6)
     assert float(lc) == pytest.approx(0.0432752, abs=1e-6) and float(lr) == pytest.approx(-0.0541325, abs=1e-6)
+
+
+def test_answer_only_logits_give_the_same_loss():
+    """SFT's loss with the LM head run at answer positions only equals the full next-token loss."""
+    from lmforge.config import ModelConfig
+    from lmforge.model import Transformer
+    from lmforge.recipes.sft import masked_lm_loss
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_preset("tiny-llama"))
+    x = torch.randint(0, 512, (2, 12))
+    y = torch.randint(0, 512, (2, 12))
+    y[:, :7] = IGNORE
+    y[1, 10:] = IGNORE
+    full, _ = next_token_loss(model(x), y)
+    fast, _ = masked_lm_loss(model, {"x": x, "y": y})
+    torch.testing.assert_close(fast, full)
