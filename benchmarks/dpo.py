@@ -12,7 +12,13 @@ in one process and the first step of each round is left out. Peak memory is each
 RSS above its state after setup. The SFT reference for the memory ratio is a LoRA-SFT step on the same 2B rows
 (the chosen and the rejected answers as 2B labelled chats).
 
-    python benchmarks/dpo.py [--rounds 2] [--steps 3] [--batch 4] [--random] [--trl-gradient-checkpointing]
+What differs: TRL also scores the newline the chat template puts after each answer's <|im_end|> (one token more
+per answer; the token ids are otherwise the same, which the script checks); TRL's fused LM head computes the
+log-probs in chunks without materializing the (rows, T, vocab) logits; TRL turns gradient checkpointing on by
+default, which is off here as lmforge does not checkpoint (--trl-gradient-checkpointing for TRL's default).
+
+    python benchmarks/dpo.py [--rounds 3] [--steps 3] [--batch 4] [--random] [--mem-steps 1]
+        [--trl-gradient-checkpointing]
 """
 
 from __future__ import annotations
@@ -145,7 +151,7 @@ def same_tokens(trainer, pairs: list) -> str:
 
 def child_memory(which: str, folder: Path, args) -> float:
     """Runs `which` alone in a fresh process over the same batches; returns its peak RSS above setup in MiB."""
-    cmd = [sys.executable, __file__, "--child", which, "--model-dir", str(folder), "--steps", str(args.steps),
+    cmd = [sys.executable, __file__, "--child", which, "--model-dir", str(folder), "--steps", str(args.mem_steps),
            "--batch", str(args.batch)] + (["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
@@ -167,20 +173,22 @@ def run_child(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="steps per round (the first is left out of the timing)")
     p.add_argument("--batch", type=int, default=4, help="preference pairs per step")
     p.add_argument("--random", action="store_true", help="random smollm2-135m preset instead of the GGUF")
     p.add_argument("--trl-gradient-checkpointing", action="store_true",
                    help="TRL's own default (on); off by default here, as lmforge does not checkpoint")
+    p.add_argument("--mem-steps", type=int, default=1,
+                   help="steps in each memory child process (the peak comes in the first)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.steps < 2:
-        p.error("--steps must be >= 2 (the first step of each round is not timed)")
     if args.child:
         run_child(args)
         return
+    if args.steps < 2:
+        p.error("--steps must be >= 2 (the first step of each round is not timed)")
 
     import peft
     import transformers

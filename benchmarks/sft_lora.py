@@ -5,9 +5,10 @@ Hugging Face folder that both sides load, so the weights are identical), the pro
 `load_sft` + `SFTDataset` (the same padded batches for both), LoRA r=16 alpha=32 dropout 0 on every attention
 and MLP projection, AdamW lr 1e-4 over the adapters. A step is forward, mean answer-token loss, backward,
 optimizer step, zero_grad. Timing rounds alternate between the two in one process; peak memory is each side's
-own child process' max RSS above its state after setup (CPU has no allocator stats).
+own child process' peak RSS (the kernel's high-water mark) above its state after setup (CPU has no allocator
+stats).
 
-    python benchmarks/sft_lora.py [--rounds 3] [--steps 5] [--batch 8] [--random]
+    python benchmarks/sft_lora.py [--rounds 3] [--steps 3] [--batch 8] [--random] [--mem-steps 1]
 
 --random: a randomly initialised `smollm2-135m` preset and a BPE tokenizer trained on the data (no file needed).
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -112,29 +112,37 @@ def batches(folder: Path, args) -> list[dict]:
     return out
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith(field + ":")).split()[1]) / 1024
 
 
 def child_memory(which: str, folder: Path, args) -> float:
     """Runs `which` alone in a fresh process over the same batches; returns its peak RSS above setup in MiB."""
     out = subprocess.run([sys.executable, __file__, "--child", which, "--model-dir", str(folder),
-                          "--steps", str(args.steps), "--batch", str(args.batch)],
+                          "--steps", str(args.mem_steps), "--batch", str(args.batch)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
 def peak_rss_mib(run: Callable[[], object]) -> float:
-    """Peak RSS while `run()` runs, above the RSS just before it, in MiB (sampled every 2 ms)."""
+    """Peak RSS while `run()` runs, above the RSS just before it, in MiB: the kernel's high-water mark (VmHWM),
+    reset first through /proc/self/clear_refs; where that is not allowed, RSS sampled every 2 ms."""
     import gc
 
     gc.collect()
-    base, peak, running = _rss_mib(), [0.0], [True]
+    base = _status_mib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        exact = True
+    except OSError:
+        exact = False
+    peak, running = [base], [not exact]
 
     def sample() -> None:
         while running[0]:
-            peak[0] = max(peak[0], _rss_mib())
+            peak[0] = max(peak[0], _status_mib("VmRSS"))
             time.sleep(0.002)
 
     t = threading.Thread(target=sample)
@@ -144,7 +152,7 @@ def peak_rss_mib(run: Callable[[], object]) -> float:
     finally:
         running[0] = False
         t.join()
-    return max(peak[0], _rss_mib()) - base
+    return (_status_mib("VmHWM") if exact else max(peak[0], _status_mib("VmRSS"))) - base
 
 
 def run_child(args) -> None:
@@ -159,9 +167,11 @@ def run_child(args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5, help="steps per timing round (and in each memory child)")
+    p.add_argument("--steps", type=int, default=3, help="steps per timing round")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--random", action="store_true", help="random smollm2-135m preset instead of the GGUF")
+    p.add_argument("--mem-steps", type=int, default=1,
+                   help="steps in each memory child process (the peak comes in the first)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()

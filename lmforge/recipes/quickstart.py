@@ -28,7 +28,7 @@ class State:
     device: str
     steps: int
     sft_steps: int = 150
-    align_steps: int = 60
+    align_steps: int = 120
     model_dir: Path | None = None
     rows: list[tuple[str, str, float]] = field(default_factory=list)  # (stage, what it achieved, seconds)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -113,8 +113,8 @@ def stage_align(s: State) -> str:
         data=PreferenceData(train=_write_jsonl(data / "pref_train.jsonl", preference_pairs(1500, seed=3)),
                             val=_write_jsonl(data / "pref_val.jsonl", preference_pairs(80, seed=4, split="val")),
                             max_len=64),
-        method="dpo", beta=0.1, batch_size=16, eval_batches=4,
-        train=TrainConfig(max_steps=s.align_steps, lr=2e-4, warmup_steps=5, weight_decay=0.0,
+        method="dpo", beta=0.5, batch_size=16, eval_batches=5,
+        train=TrainConfig(max_steps=s.align_steps, lr=5e-5, warmup_steps=5, weight_decay=0.0,
                           eval_every=max(1, s.align_steps // 2)),
     )
     r = align(cfg).last_eval
