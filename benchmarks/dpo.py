@@ -8,8 +8,8 @@ lmforge: `PreferenceLoss` + `make_reference` of `recipes/align.py`, then backwar
 TRL: `trainer.train()`, each step timed by a callback (on_step_begin -> on_step_end: forward, backward,
 optimizer and scheduler step; batch collation and logging are outside, as for lmforge). Both see the same pairs
 in the same batches (TRL's sampler set to sequential over the pairs in lmforge's order). Timing rounds alternate
-in one process and the first step of each round is left out. Peak memory is each side's own child process' max
-RSS above its state after setup. The SFT reference for the memory ratio is a LoRA-SFT step on the same 2B rows
+in one process and the first step of each round is left out. Peak memory is each side's own child process' peak
+RSS above its state after setup (as in sft_lora.py). The SFT reference for the memory ratio is a LoRA-SFT step on the same 2B rows
 (the chosen and the rejected answers as 2B labelled chats).
 
 What differs: TRL also scores the newline the chat template puts after each answer's <|im_end|> (one token more
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -34,13 +35,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from sft_lora import ALPHA, LR, PEFT_TARGETS, TARGETS, R, load_side, peak_rss_mib, write_model
+from sft_lora import ALPHA, CHILD_ENV, LR, PEFT_TARGETS, TARGETS, R, load_side, peak_rss_mib, write_model
 
 from lmforge.data.preference import PreferenceDataset, load_preferences
 from lmforge.recipes.align import AlignConfig, PreferenceLoss, make_reference
-from lmforge.recipes.sft import LoRASpec
+from lmforge.recipes.sft import LoRASpec, masked_lm_loss
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.losses import next_token_loss
 from lmforge.train.optim import build_optimizer
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "product_manual" / "prefs_train.jsonl"
@@ -61,7 +61,8 @@ def lmforge_data(folder: Path, args) -> tuple[list[dict], list[int], list]:
 
 
 def lmforge_step(model, kind: str) -> Callable[[dict], dict[str, float]]:
-    """kind "dpo": the alignment recipe's loss (reference = adapters off); "sft": next-token loss on the rows."""
+    """kind "dpo": the alignment recipe's loss (reference = adapters off); "sft": the SFT recipe's loss on the
+    same rows (LM head at the answer positions only)."""
     opt = build_optimizer(model, LR, weight_decay=0.0)
     cfg = AlignConfig(method="dpo", beta=BETA, lora=LoRASpec(enabled=True, r=R, alpha=ALPHA, targets=list(TARGETS)))
     loss_fn = PreferenceLoss(cfg, make_reference(cfg, model, None, 0))
@@ -71,8 +72,8 @@ def lmforge_step(model, kind: str) -> Callable[[dict], dict[str, float]]:
             loss, metrics = loss_fn(model, batch)
             loss = loss / batch["n"]
         else:
-            loss, n = next_token_loss(model(batch["x"]), batch["y"])
-            loss, metrics = loss / n, {}
+            loss, metrics = masked_lm_loss(model, batch)
+            loss = loss / int((batch["y"] != -100).sum())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -153,7 +154,7 @@ def child_memory(which: str, folder: Path, args) -> float:
     """Runs `which` alone in a fresh process over the same batches; returns its peak RSS above setup in MiB."""
     cmd = [sys.executable, __file__, "--child", which, "--model-dir", str(folder), "--steps", str(args.mem_steps),
            "--batch", str(args.batch)] + (["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, **CHILD_ENV})
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 

