@@ -9,8 +9,8 @@ TRL: `trainer.train()`, each step timed by a callback (on_step_begin -> on_step_
 optimizer and scheduler step; batch collation and logging are outside, as for lmforge). Both see the same pairs
 in the same batches (TRL's sampler set to sequential over the pairs in lmforge's order). Timing rounds alternate
 in one process and the first step of each round is left out. Peak memory is each side's own child process' peak
-RSS above its state after setup (as in sft_lora.py). The SFT reference for the memory ratio is a LoRA-SFT step on the same 2B rows
-(the chosen and the rejected answers as 2B labelled chats).
+RSS above its state after setup (as in sft_lora.py). The SFT reference for the memory ratio is lmforge's LoRA-SFT
+step (its recipe's loss) on the same 2B rows: the chosen and the rejected answers as 2B labelled chats.
 
 What differs: TRL also scores the newline the chat template puts after each answer's <|im_end|> (one token more
 per answer; the token ids are otherwise the same, which the script checks); TRL's fused LM head computes the
