@@ -9,14 +9,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from lmforge.checkpoint import save
 from lmforge.lora import disable_adapters, lora_modules, merge_lora, save_adapter
-from lmforge.recipes.common import ModelSpec, build_model, init_run_distributed, save_final, write_run_config
+from lmforge.recipes.common import ModelSpec, save_final, start_finetune
 from lmforge.recipes.sft import LoRASpec, _to, lora_hooks, setup_lora
 from lmforge.train.loop import FitResult, TrainConfig, fit
 from lmforge.train.losses import dpo_loss, ipo_loss, orpo_loss, sequence_logprobs, simpo_loss
@@ -187,16 +186,7 @@ def run(cfg: AlignConfig, dist=None) -> FitResult:
     """Aligns the policy, reports held-out preference metrics before/after, writes <out_dir>/model."""
     from lmforge.data.preference import PreferenceDataset, load_preferences
 
-    out = Path(cfg.out_dir)
-    dist = init_run_distributed(cfg, dist)
-    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
-    if rank == 0:
-        write_run_config(out, cfg)
-    if not cfg.model.init_from:
-        raise ValueError("model.init_from: alignment starts from a checkpoint (usually an SFT output)")
-    model, tokenizer = build_model(cfg.model, seed=cfg.train.seed, dist=dist)
-    if tokenizer is None:
-        raise ValueError(f"{cfg.model.init_from}: no tokenizer found next to the model")
+    out, dist, rank, world, model, tokenizer = start_finetune(cfg, dist, "alignment")
 
     def dataset(path: str) -> Any:
         pairs, stats = load_preferences(path, tokenizer, max_len=cfg.data.max_len, skip_bad_lines=cfg.data.skip_bad_lines)

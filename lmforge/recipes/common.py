@@ -77,6 +77,22 @@ def init_run_distributed(cfg: Any, dist: Any = None) -> Any:
     return init_distributed(cfg.train.strategy, cfg.train.dist_timeout, cfg.model.device)
 
 
+def start_finetune(cfg: Any, dist: Any, stage: str) -> tuple[Path, Any, int, int, Transformer, Any]:
+    """The shared start of SFT and alignment: process group, run config, the model and tokenizer loaded from
+    `model.init_from`. Returns (out_dir, dist, rank, world_size, model, tokenizer)."""
+    out = Path(cfg.out_dir)
+    dist = init_run_distributed(cfg, dist)
+    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
+    if rank == 0:
+        write_run_config(out, cfg)
+    if not cfg.model.init_from:
+        raise ValueError(f"model.init_from: {stage} starts from a checkpoint (HF folder, run output, .gguf)")
+    model, tokenizer = build_model(cfg.model, seed=cfg.train.seed, dist=dist)
+    if tokenizer is None:
+        raise ValueError(f"{cfg.model.init_from}: no tokenizer found next to the model")
+    return out, dist, rank, world, model, tokenizer
+
+
 def save_final(model: Transformer, tokenizer: Any, folder: str | Path, dist: Any = None) -> None:
     """<out_dir>/model at the end of a run: written by rank 0; under FSDP every process helps gather it."""
     with dist.gathered(model) if dist is not None else nullcontext():

@@ -24,14 +24,7 @@ from lmforge.lora import (
     set_adapter_state,
     trainable_parameters,
 )
-from lmforge.recipes.common import (
-    ModelSpec,
-    build_model,
-    init_run_distributed,
-    model_hooks,
-    save_final,
-    write_run_config,
-)
+from lmforge.recipes.common import ModelSpec, model_hooks, save_final, start_finetune
 from lmforge.train.loop import FitResult, TrainConfig, fit
 from lmforge.train.losses import IGNORE
 
@@ -181,16 +174,7 @@ def run(cfg: SFTConfig, dist=None) -> FitResult:
     """Fine-tunes, reports held-out accuracy before/after, writes <out_dir>/model (and adapter/)."""
     from lmforge.data.sft import eval_prompts
 
-    out = Path(cfg.out_dir)
-    dist = init_run_distributed(cfg, dist)
-    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
-    if rank == 0:
-        write_run_config(out, cfg)
-    if not cfg.model.init_from:
-        raise ValueError("model.init_from: fine-tuning starts from a checkpoint (HF folder, run output, .gguf)")
-    model, tokenizer = build_model(cfg.model, seed=cfg.train.seed, dist=dist)
-    if tokenizer is None:
-        raise ValueError(f"{cfg.model.init_from}: no tokenizer found next to the model")
+    out, dist, rank, world, model, tokenizer = start_finetune(cfg, dist, "fine-tuning")
     train, val = load_chat_data(cfg.data, tokenizer, cfg.data.max_len, cfg.data.pack)
     prompts = eval_prompts(cfg.data.val, tokenizer) if cfg.data.val and cfg.eval_max_new_tokens else []
     before = answer_accuracy(model, tokenizer, prompts, cfg.eval_max_new_tokens) if prompts and rank == 0 else {}
