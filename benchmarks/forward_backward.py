@@ -20,7 +20,6 @@ import torch
 
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
-from lmforge.train.losses import next_token_loss
 
 # ~20M parameters, LLaMA-style (GQA 8/4 heads)
 CONFIG = dict(vocab_size=16000, dim=384, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=1024, max_seq_len=1024)
@@ -53,7 +52,7 @@ def make_step(which: str, model, device: str):
 
     def step(x: torch.Tensor, y: torch.Tensor) -> float:
         if which == "lmforge":
-            loss, n = next_token_loss(model(x), y)
+            loss, n = model(x, labels=y)  # LM head + cross-entropy in blocks, as the pretrain recipe runs it
             loss = loss / n
         else:  # transformers' own loss path, as its users call it (labels = inputs, shifted inside)
             loss = model(input_ids=x, labels=x).loss

@@ -55,7 +55,11 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.disabled:
             return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b) * self.scaling
+        xa = F.linear(self.dropout(x), self.lora_a)  # (..., r)
+        # y += scaling * xa @ B^T in one kernel, in place (no scale, add or copy passes over the output; the
+        # base matmul's backward does not need its output)
+        y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), self.lora_b.t(), alpha=self.scaling)
+        return y
 
     def delta(self) -> torch.Tensor:
         """The update B·A·scaling, shaped like the base weight (out, in)."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.train.losses import linear_cross_entropy
 
 # ---- norms -----------------------------------------------------------------------------------------
 
@@ -23,7 +24,33 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        if torch.compiler.is_compiling():  # the compiler fuses the plain form into one kernel itself
+            return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
+        return _RMSNormFn.apply(x, self.weight, self.eps)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm with a hand-written backward, for eager mode: about half the passes over memory of the
+    composite (pow, mean, rsqrt, mul, mul and their autograd), which matters on CPU. Same numbers as the
+    plain form: statistics in fp32, normalised x cast to the input dtype, then times the weight (HF LLaMA)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.float()
+        rstd = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]) + eps)
+        xhat = xf * rstd  # (..., dim) fp32
+        ctx.save_for_backward(xhat, rstd, weight)
+        return xhat.to(x.dtype) * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        xhat, rstd, weight = ctx.saved_tensors
+        g = grad.float()
+        dw = (g * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        gw = g * weight.float()
+        # d/dx of x * rstd: rstd * (gw - xhat * mean(gw * xhat))
+        dx = gw.sub_(xhat * torch.linalg.vecdot(gw, xhat).unsqueeze(-1).div_(xhat.shape[-1])).mul_(rstd)
+        return dx.to(grad.dtype), None if dw is None else dw.to(weight.dtype), None
 
 
 class LayerNorm(nn.LayerNorm):
@@ -38,27 +65,30 @@ def make_norm(c: ModelConfig) -> nn.Module:
 
 
 def rope_tables(c: ModelConfig, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of position * inv_freq, each (max_seq_len, rope_dim // 2), in fp32."""
+    """The rotation factors (C, S) of every position, each (max_seq_len, rope_dim), fp32, laid out so that
+    rotating is `x * C + swap(x) * S` (see `apply_rope`): C repeats cos(position * inv_freq) and S holds
+    -sin / +sin for the first / second member of each rotated pair."""
     inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.rope_dim, 2, device=device).float() / c.rope_dim))
-    angles = torch.outer(torch.arange(c.max_seq_len, device=device).float(), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(c.max_seq_len, device=device).float(), inv_freq)  # (max_seq_len, r/2)
+    cos, sin = angles.cos(), angles.sin()
+    if c.rope_interleaved:  # pairs (2i, 2i + 1)
+        return cos.repeat_interleave(2, -1), torch.stack((-sin, sin), -1).flatten(-2)
+    return torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)  # pairs (i, i + r/2)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotates the first 2 * cos.shape[-1] dims of x (B, H, T, head_dim); cos/sin broadcast as (.., T, r/2).
+def apply_rope(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotates the first r = C.shape[-1] dims of x (..., head_dim); C, S (from `rope_tables`) broadcast.
 
     Half-split (LLaMA in HF layout) pairs x[i] with x[i + r/2]; interleaved (ChatGLM2, Meta LLaMA) pairs
-    x[2i] with x[2i + 1]. The rest of the head (partial rotary) passes through."""
-    r = 2 * cos.shape[-1]
-    rot, rest = x[..., :r], x[..., r:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    if interleaved:
-        x1, x2 = rot.unflatten(-1, (-1, 2)).unbind(-1)  # each (B, H, T, r/2)
-        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    else:
-        x1, x2 = rot.chunk(2, dim=-1)  # each (B, H, T, r/2)
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+    x[2i] with x[2i + 1]. Either way each pair (a, b) becomes (a cos - b sin, b cos + a sin), that is
+    x * C + swap(x) * S with swap exchanging the members of each pair. The rest of the head (partial
+    rotary) passes through."""
+    r = C.shape[-1]
+    rot = x[..., :r]
+    pairs = rot.unflatten(-1, (-1, 2) if interleaved else (2, -1))  # (..., r/2, 2) or (..., 2, r/2)
+    swapped = pairs.flip(-1 if interleaved else -2).flatten(-2)  # (..., r)
+    out = torch.addcmul(rot * C, swapped, S)
+    return torch.cat((out, x[..., r:]), dim=-1) if r < x.shape[-1] else out
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
@@ -111,12 +141,12 @@ class Attention(nn.Module):
                 interleaved: bool) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        # split, not slicing: the backward of split is one concatenation, that of a slice a zero-filled copy
+        qk, v = self.qkv(x).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)  # heads of q and k; of v
         if rope is not None:
-            q, k = apply_rope(q, *rope, interleaved), apply_rope(k, *rope, interleaved)
+            qk = apply_rope(qk, *rope, interleaved)  # q and k rotated together
+        q, k = qk.split([H, K], dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, K, T, D) x2
         if self.cache is not None:
             k, v = self.cache.update(pos, k, v)  # (B, K, max_len, D)
             if mask is not None and mask.shape[-1] < k.shape[2]:  # attend only to the filled prefix
@@ -129,13 +159,9 @@ class Attention(nn.Module):
                 mask = mask.reshape(mask.shape[0], K, H // K, mask.shape[-1])  # (B|1, K, G, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, 1, D)  # (B, H, 1, D)
             return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, 1, dim)
-        gqa = K != H and x.is_cuda  # CUDA kernels (flash) read shared K/V heads in place
-        if K != H and not gqa:
-            # on CPU the kernels want H heads: expand (a view), flattened into a copy
-            k = k[:, :, None].expand(B, K, H // K, *k.shape[2:]).flatten(1, 2)  # (B, H, S, D)
-            v = v[:, :, None].expand(B, K, H // K, *v.shape[2:]).flatten(1, 2)  # (B, H, S, D)
+        # GQA: the kernels (flash on CUDA and CPU) read each shared K/V head in place for its H // K query heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=gqa)
+                                           enable_gqa=K != H)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, H * D) -> (B, T, dim)
 
 
@@ -151,8 +177,34 @@ class SwiGLU(nn.Module):
         self.down = nn.Linear(c.ffn_dim, c.dim, bias=c.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)  # each (B, T, ffn_dim)
-        return self.down(F.silu(gate) * up)
+        gate_up = self.gate_up(x)  # (B, T, 2 * ffn_dim)
+        if torch.compiler.is_compiling():
+            gate, up = gate_up.chunk(2, dim=-1)  # each (B, T, ffn_dim)
+            return self.down(F.silu(gate) * up)
+        return self.down(_SiluMul.apply(gate_up))
+
+
+class _SiluMul(torch.autograd.Function):
+    """silu(gate) * up of the fused (..., 2F) projection, for eager mode: the backward writes both halves'
+    gradients straight into one (..., 2F) tensor instead of concatenating them (a pass over the largest
+    activation of the block)."""
+
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)  # each (..., F)
+        act = F.silu(gate)
+        ctx.save_for_backward(gate_up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate_up, act = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.empty_like(gate_up)
+        d_gate, d_up = out.chunk(2, dim=-1)
+        torch.mul(grad, act, out=d_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        return out
 
 
 class GeluMLP(nn.Module):
@@ -206,8 +258,8 @@ class Transformer(nn.Module):
         device = device or self.tok_emb.weight.device
         none = torch.empty(0, device=device)
         cos, sin = rope_tables(c, device) if c.position == "rope" else (none, none)
-        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, rope_dim / 2)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, rope_dim): C of apply_rope
+        self.register_buffer("rope_sin", sin, persistent=False)  # S of apply_rope
         slopes = alibi_slopes(c.n_heads).to(device) if c.position == "alibi" else none
         self.register_buffer("alibi", slopes, persistent=False)  # (n_heads,)
         table = sinusoidal_table(c.max_seq_len, c.dim).to(device) if c.position == "sinusoidal" else none
@@ -252,8 +304,9 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for `input_ids` (B, T).
+                logits_at: torch.Tensor | None = None, labels: torch.Tensor | None = None
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, vocab) for `input_ids` (B, T) — or, given `labels`, the training loss.
 
         positions: (T,) where these tokens sit in the sequence, and their KV-cache slots; default 0..T-1.
         mask: optional bool (B or 1, 1, T, S) — True where a query may attend to a key; default causal.
@@ -261,6 +314,9 @@ class Transformer(nn.Module):
         position_ids: optional (B, T) per-row positions for the position encoding (left-padded batches).
         logits_at: optional bool (B, T): compute the LM head only there and return (N, vocab) logits for
           the N selected positions — fine-tuning needs them at answer tokens only (saves the big matmul).
+        labels: optional (B, T) next tokens (IGNORE = -100 where nothing counts): returns (summed
+          cross-entropy, number of counted tokens) instead of logits — computed by `linear_cross_entropy`
+          without ever holding the (B, T, vocab) logits, the biggest tensors of a training step.
         """
         c = self.config
         if input_ids.dim() != 2:
@@ -291,9 +347,8 @@ class Transformer(nn.Module):
 
         rope = None
         if c.position == "rope":
-            cos, sin = self.rope_cos[pos_ids], self.rope_sin[pos_ids]  # (T, r/2) or (B, T, r/2)
-            cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # cast once here, not in every layer
-            rope = (cos, sin) if cos.dim() == 2 else (cos[:, None], sin[:, None])  # (B, 1, T, r/2)
+            # (T, 1, r) or (B, T, 1, r): broadcast over the heads of (B, T, heads, head_dim); cast once here
+            rope = (self.rope_cos[pos_ids][..., None, :].to(x.dtype), self.rope_sin[pos_ids][..., None, :].to(x.dtype))
 
         if cached and mask is None:
             # causal over cache slots: key slot j visible to the query at slot i when j <= i
@@ -306,7 +361,12 @@ class Transformer(nn.Module):
             for block in self.layers:
                 x = block(x, rope, mask, positions, c.rope_interleaved)
             x = self.norm(x)
-            return self.lm_head(x if logits_at is None else x[logits_at.to(x.device)])
+            if logits_at is not None:
+                logits_at = logits_at.to(x.device)
+                x, labels = x[logits_at], (None if labels is None else labels.to(x.device)[logits_at])
+            if labels is not None:
+                return linear_cross_entropy(x, self.lm_head.weight, labels.to(x.device))
+            return self.lm_head(x)
         except RuntimeError as e:
             msg = str(e)
             if "same device" in msg or "dtype" in msg or "scalar type" in msg:

@@ -19,7 +19,6 @@ from lmforge.recipes.common import (
 )
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.loop import FitResult, TrainConfig, fit
-from lmforge.train.losses import next_token_loss
 
 
 @dataclass
@@ -111,7 +110,7 @@ def split_batch(batch_size: int, micro_batch_size: int, world_size: int = 1) -> 
 
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
-    loss, _ = next_token_loss(model(batch["x"]), batch["y"])
+    loss, _ = model(batch["x"], labels=batch["y"])  # LM head + cross-entropy in blocks: no full logits
     return loss, {}
 
 
@@ -159,7 +158,7 @@ def run(cfg: PretrainConfig, dist=None) -> FitResult:
     def evaluate(m) -> dict[str, float]:
         total, n = 0.0, 0
         for x, y in val.eval_batches(eval_batch, -(-eval_rows // eval_batch), rank=rank, world_size=world):
-            loss, k = next_token_loss(m(x.to(device)), y.to(device))
+            loss, k = m(x.to(device), labels=y.to(device))
             total, n = total + float(loss), n + int(k)
         if dist is not None:
             total, n = dist.all_reduce_sum(total), dist.all_reduce_sum(n)

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lmforge.checkpoint import save
@@ -123,9 +122,9 @@ def answer_accuracy(model, tokenizer, prompts: list[tuple[list[int], str]], max_
 
 def masked_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed cross-entropy over answer tokens; the LM head runs at those positions only."""
-    counted = batch["y"] != IGNORE  # (B, T)
-    logits = model(batch["x"], mask=batch.get("mask"), position_ids=batch.get("position_ids"), logits_at=counted)
-    return F.cross_entropy(logits.float(), batch["y"][counted], reduction="sum"), {}
+    loss, _ = model(batch["x"], mask=batch.get("mask"), position_ids=batch.get("position_ids"),
+                    logits_at=batch["y"] != IGNORE, labels=batch["y"])
+    return loss, {}
 
 
 def load_chat_data(cfg, tokenizer, max_len: int, pack: bool, seq_len: int | None = None) -> tuple[Any, Any]:
