@@ -52,14 +52,15 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
         if self.disabled:
-            return y
-        xa = F.linear(self.dropout(x), self.lora_a)  # (..., r)
+            return self.base(x)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in): 2-D so that y below is a tensor of its own, not a view
+        y = self.base(x2)  # (N, out)
+        xa = F.linear(self.dropout(x2), self.lora_a)  # (N, r)
         # y += scaling * xa @ B^T in one kernel, in place (no scale, add or copy passes over the output; the
         # base matmul's backward does not need its output)
-        y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), self.lora_b.t(), alpha=self.scaling)
-        return y
+        y.addmm_(xa, self.lora_b.t(), alpha=self.scaling)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def delta(self) -> torch.Tensor:
         """The update B·A·scaling, shaped like the base weight (out, in)."""

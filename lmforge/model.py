@@ -83,12 +83,43 @@ def apply_rope(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor, interleaved: b
     x[2i] with x[2i + 1]. Either way each pair (a, b) becomes (a cos - b sin, b cos + a sin), that is
     x * C + swap(x) * S with swap exchanging the members of each pair. The rest of the head (partial
     rotary) passes through."""
+    if torch.compiler.is_compiling():  # the plain form, which the compiler fuses
+        r = C.shape[-1]
+        rot = x[..., :r]
+        swapped = rot.unflatten(-1, (-1, 2) if interleaved else (2, -1)).flip(-1 if interleaved else -2).flatten(-2)
+        out = torch.addcmul(rot * C, swapped, S)
+        return torch.cat((out, x[..., r:]), dim=-1) if r < x.shape[-1] else out
+    return _RoPE.apply(x, C, S, interleaved)
+
+
+def _rotate(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """x * C + swap(x) * S written pair member by pair member into a new tensor (no swapped copy of x)."""
     r = C.shape[-1]
-    rot = x[..., :r]
-    pairs = rot.unflatten(-1, (-1, 2) if interleaved else (2, -1))  # (..., r/2, 2) or (..., 2, r/2)
-    swapped = pairs.flip(-1 if interleaved else -2).flatten(-2)  # (..., r)
-    out = torch.addcmul(rot * C, swapped, S)
-    return torch.cat((out, x[..., r:]), dim=-1) if r < x.shape[-1] else out
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if r < x.shape[-1]:
+        out[..., r:] = x[..., r:]
+    split, member = ((-1, 2), -1) if interleaved else ((2, -1), -2)  # pairs (2i, 2i + 1) or (i, i + r/2)
+    xc = (x[..., :r] * C).unflatten(-1, split)
+    xp, sp, op = x[..., :r].unflatten(-1, split), S.unflatten(-1, split), out[..., :r].unflatten(-1, split)
+    for i in (0, 1):  # a' = a cos - b sin, b' = b cos + a sin
+        torch.addcmul(xc.select(member, i), xp.select(member, 1 - i), sp.select(member, i), out=op.select(member, i))
+    return out
+
+
+class _RoPE(torch.autograd.Function):
+    """RoPE for eager mode. A rotation's gradient is the rotation by the opposite angle (S -> -S), so the
+    backward needs no saved activations."""
+
+    @staticmethod
+    def forward(ctx, x, C, S, interleaved):
+        ctx.save_for_backward(C, S)
+        ctx.interleaved = interleaved
+        return _rotate(x, C, S, interleaved)
+
+    @staticmethod
+    def backward(ctx, grad):
+        C, S = ctx.saved_tensors
+        return _rotate(grad, C, -S, ctx.interleaved), None, None, None
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:

@@ -38,9 +38,12 @@ def test_silu_mul_matches_plain_form(dtype):
     torch.testing.assert_close(grads, ref_grads, **TOL[dtype])
 
 
+@pytest.mark.parametrize("plain", [False, True])  # the eager autograd.Function, and the form torch.compile runs
 @pytest.mark.parametrize("interleaved", [False, True])
 @pytest.mark.parametrize("rope_dim", [8, 4])  # whole head, and partial rotary (half of it)
-def test_rope_rotates_each_pair(interleaved, rope_dim):
+def test_rope_rotates_each_pair(interleaved, rope_dim, plain, monkeypatch):
+    if plain:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     from lmforge.config import ModelConfig
     from lmforge.model import rope_tables
 
@@ -58,3 +61,19 @@ def test_rope_rotates_each_pair(interleaved, rope_dim):
     rotated = torch.view_as_real(z).flatten(-2) if interleaved else torch.view_as_real(z).transpose(-1, -2).flatten(-2)
     torch.testing.assert_close(out[..., :rope_dim], rotated, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out[..., rope_dim:], x[..., rope_dim:])
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_gradient_matches_plain_form(interleaved, monkeypatch):
+    from lmforge.config import ModelConfig
+    from lmforge.model import rope_tables
+
+    c = ModelConfig(vocab_size=16, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=32, max_seq_len=6,
+                    rope_fraction=0.5, rope_interleaved=interleaved)
+    C, S = (t[:, None] for t in rope_tables(c))
+    x = torch.randn(2, 6, 3, 8)
+    out, grads = _run(lambda x: apply_rope(x, C, S, interleaved), x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ref, ref_grads = _run(lambda x: apply_rope(x, C, S, interleaved), x)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(grads, ref_grads)
