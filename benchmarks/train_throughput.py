@@ -24,8 +24,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from forward_backward import CONFIG, _rss_mib, hf_pair  # noqa: E402
 
+from lmforge.recipes.pretrain import lm_loss  # noqa: E402  (the pretrain recipe's loss)
 from lmforge.train.loop import TrainConfig, fit  # noqa: E402
-from lmforge.train.losses import next_token_loss  # noqa: E402
 
 
 def lmforge_run(model, data, steps: int) -> list[float]:
@@ -35,12 +35,8 @@ def lmforge_run(model, data, steps: int) -> list[float]:
         x, y = data[step % len(data)]
         return {"x": x, "y": y, "n": y.numel()}
 
-    def loss_fn(m, b):
-        loss, _ = next_token_loss(m(b["x"]), b["y"])
-        return loss, {}
-
     with tempfile.TemporaryDirectory() as run_dir:
-        fit(model, get_batch, loss_fn, TrainConfig(max_steps=steps, lr=1e-4, warmup_steps=1, progress=False),
+        fit(model, get_batch, lm_loss, TrainConfig(max_steps=steps, lr=1e-4, warmup_steps=1, progress=False),
             run_dir)
         rows = [json.loads(s) for s in open(Path(run_dir) / "metrics.jsonl")]
     return [r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:]
