@@ -12,6 +12,13 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.train.losses import linear_cross_entropy
 
+
+def _hand_backward(*tensors: torch.Tensor) -> bool:
+    """Whether to run the hand-written autograd Functions below: in eager training only. Compiled code fuses
+    the plain forms itself, and without a backward (inference) the plain forms cost less Python per call."""
+    return not torch.compiler.is_compiling() and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 # ---- norms -----------------------------------------------------------------------------------------
 
 
@@ -24,9 +31,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():  # the compiler fuses the plain form into one kernel itself
-            return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
-        return _RMSNormFn.apply(x, self.weight, self.eps)
+        if _hand_backward(x, self.weight):
+            return _RMSNormFn.apply(x, self.weight, self.eps)
+        if x.dtype == self.weight.dtype == torch.float32:  # the same product, in one call
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x) * self.weight
 
 
 class _RMSNormFn(torch.autograd.Function):
@@ -83,13 +92,13 @@ def apply_rope(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor, interleaved: b
     x[2i] with x[2i + 1]. Either way each pair (a, b) becomes (a cos - b sin, b cos + a sin), that is
     x * C + swap(x) * S with swap exchanging the members of each pair. The rest of the head (partial
     rotary) passes through."""
-    if torch.compiler.is_compiling():  # the plain form, which the compiler fuses
-        r = C.shape[-1]
-        rot = x[..., :r]
-        swapped = rot.unflatten(-1, (-1, 2) if interleaved else (2, -1)).flip(-1 if interleaved else -2).flatten(-2)
-        out = torch.addcmul(rot * C, swapped, S)
-        return torch.cat((out, x[..., r:]), dim=-1) if r < x.shape[-1] else out
-    return _RoPE.apply(x, C, S, interleaved)
+    if _hand_backward(x):
+        return _RoPE.apply(x, C, S, interleaved)
+    r = C.shape[-1]
+    rot = x[..., :r]
+    swapped = rot.unflatten(-1, (-1, 2) if interleaved else (2, -1)).flip(-1 if interleaved else -2).flatten(-2)
+    out = torch.addcmul(rot * C, swapped, S)
+    return torch.cat((out, x[..., r:]), dim=-1) if r < x.shape[-1] else out
 
 
 def _rotate(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -209,10 +218,10 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)  # (B, T, 2 * ffn_dim)
-        if torch.compiler.is_compiling():
-            gate, up = gate_up.chunk(2, dim=-1)  # each (B, T, ffn_dim)
-            return self.down(F.silu(gate) * up)
-        return self.down(_SiluMul.apply(gate_up))
+        if _hand_backward(gate_up):
+            return self.down(_SiluMul.apply(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # each (B, T, ffn_dim)
+        return self.down(F.silu(gate) * up)
 
 
 class _SiluMul(torch.autograd.Function):
