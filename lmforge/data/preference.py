@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from lmforge.data.errors import DataError
 from lmforge.data.sft import (
@@ -106,7 +107,8 @@ class PreferenceDataset:
     def _collate(self, idx: Sequence[int] | np.ndarray) -> dict[str, Any]:
         rows = [self.pairs[int(i)][0] for i in idx] + [self.pairs[int(i)][1] for i in idx]
         x, y = pad_rows(rows, self.pad_id)  # (2B, T)
-        return {"x": x, "y": y, "n": len(idx), "tokens": sum(len(ids) - 1 for ids, _ in rows)}
+        lengths = torch.tensor([len(ids) - 1 for ids, _ in rows])  # (2B,) non-pad positions per row
+        return {"x": x, "y": y, "n": len(idx), "tokens": int(lengths.sum()), "lengths": lengths}
 
     def batch(self, step: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
               ) -> dict[str, Any]:

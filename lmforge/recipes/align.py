@@ -224,7 +224,7 @@ def run(cfg: AlignConfig, dist=None) -> FitResult:
         half = b["x"].shape[0] // 2
         rows = [*range(i * micro, (i + 1) * micro), *range(half + i * micro, half + (i + 1) * micro)]
         out = {k: v[rows] for k, v in b.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
-        out["n"] = micro
+        out["n"], out["tokens"] = micro, int(out.pop("lengths").sum())  # pairs (loss unit); tokens (tokens/s)
         return _to(out, device)
 
     save_model, load_model = lora_hooks(model, tokenizer)
