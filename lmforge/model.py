@@ -92,6 +92,7 @@ def apply_rope(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor, interleaved: b
     x[2i] with x[2i + 1]. Either way each pair (a, b) becomes (a cos - b sin, b cos + a sin), that is
     x * C + swap(x) * S with swap exchanging the members of each pair. The rest of the head (partial
     rotary) passes through."""
+    C, S = C.to(x.dtype), S.to(x.dtype)  # no-ops except under autocast (fp32 tables, bf16 projections)
     if _hand_backward(x):
         return _RoPE.apply(x, C, S, interleaved)
     r = C.shape[-1]
