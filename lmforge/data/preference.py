@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 from lmforge.data.errors import DataError
+from lmforge.data.pretrain import SeededOrder
 from lmforge.data.sft import (
     Example,
     LoadStats,
     Message,
-    SeededOrder,
     encode_chats,
     pad_rows,
     parse_messages,

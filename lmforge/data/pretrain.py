@@ -576,6 +576,52 @@ def _version() -> str:
 # ---------------------------------------------------------------- reading shards back
 
 
+class SeededOrder:
+    """Which items global batch `step` holds: each epoch visits all `n` items once in the order of a permutation
+    seeded by (seed, epoch), and rank r takes the r-th contiguous slice — a pure function of (seed, step)."""
+
+    def __init__(self, n: int) -> None:
+        if n <= 0:
+            raise ValueError("no items to batch")
+        self.n = n
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def _perm(self, seed: int, epoch: int) -> np.ndarray:
+        if (seed, epoch) not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(next(iter(self._perms)))
+            self._perms[(seed, epoch)] = np.random.default_rng((seed, epoch)).permutation(self.n)
+        return self._perms[(seed, epoch)]
+
+    def indices(self, step: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
+        per = _per_rank(batch_size, world_size)
+        g = step * batch_size + rank * per + np.arange(per, dtype=np.int64)  # global sample numbers
+        epoch, pos = g // self.n, g % self.n
+        out = np.empty(per, dtype=np.int64)
+        for e in np.unique(epoch):
+            m = epoch == e
+            out[m] = self._perm(seed, int(e))[pos[m]]
+        return out
+
+    def in_order(self, batch_size: int, max_batches: int | None = None, rank: int = 0, world_size: int = 1
+                 ) -> Iterator[np.ndarray]:
+        """Items 0, 1, 2, ... in global batches sliced per rank; the last partial batch only when world_size
+        is 1 (so every rank sees the same number of batches)."""
+        per = _per_rank(batch_size, world_size)
+        n = self.n if max_batches is None else min(self.n, max_batches * batch_size)
+        for start in range(0, n, batch_size):
+            if start + batch_size > n and world_size > 1:
+                break
+            yield np.arange(start, min(start + batch_size, n))[rank * per:(rank + 1) * per]
+
+
+def _per_rank(batch_size: int, world_size: int) -> int:
+    if batch_size <= 0 or batch_size % world_size:
+        raise ValueError(f"global batch_size {batch_size} must be positive and divisible by world_size "
+                         f"{world_size}")
+    return batch_size // world_size
+
+
 class PackedDataset:
     """A split's shards as one token stream, cut into windows of `seq_len + 1` tokens (input, shifted target).
 
@@ -603,7 +649,7 @@ class PackedDataset:
         if self.n_windows == 0:
             raise DataError(f"{self.data_dir}: the {split} split has {self.n_tokens} tokens, fewer than "
                             f"seq_len + 1 = {seq_len + 1}")
-        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self.order = SeededOrder(self.n_windows)
 
     def __len__(self) -> int:
         return self.n_windows
@@ -624,26 +670,10 @@ class PackedDataset:
         w = torch.from_numpy(np.stack([self.window(int(i)) for i in idx]).astype(np.int64))  # (B, T+1)
         return w[:, :-1].contiguous(), w[:, 1:].contiguous()  # (B, T), (B, T)
 
-    def _perm(self, seed: int, epoch: int) -> np.ndarray:
-        if (seed, epoch) not in self._perms:
-            if len(self._perms) >= 2:
-                self._perms.pop(next(iter(self._perms)))
-            self._perms[(seed, epoch)] = np.random.default_rng((seed, epoch)).permutation(self.n_windows)
-        return self._perms[(seed, epoch)]
-
     def indices(self, step: int, batch_size: int, seed: int = 0, *, rank: int = 0, world_size: int = 1
                 ) -> np.ndarray:
         """Window indices of this rank's rows of global batch `step` (a contiguous slice of it)."""
-        if batch_size % world_size:
-            raise ValueError(f"global batch_size {batch_size} is not divisible by world_size {world_size}")
-        per = batch_size // world_size
-        g = step * batch_size + rank * per + np.arange(per, dtype=np.int64)  # global sample numbers
-        epoch, pos = g // self.n_windows, g % self.n_windows
-        out = np.empty(per, dtype=np.int64)
-        for e in np.unique(epoch):
-            m = epoch == e
-            out[m] = self._perm(seed, int(e))[pos[m]]
-        return out
+        return self.order.indices(step, batch_size, seed, rank, world_size)
 
     def batch(self, step: int, batch_size: int, seed: int = 0, *, rank: int = 0, world_size: int = 1
               ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,9 +30,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         empty = torch.empty_like if hidden.shape[0] else torch.zeros_like  # no rows: zero gradient
         grad_w = empty(weight, dtype=torch.float32) if want_w else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        w = weight.to(hidden.dtype)  # once, not per block (a no-op when the dtypes agree)
         for s in range(0, hidden.shape[0], rows):
             h, y = hidden[s:s + rows], labels[s:s + rows]
-            z = (h @ weight.T).float()  # (rows, V)
+            z = (h @ w.T).float()  # (rows, V)
             z.sub_(z.amax(-1, keepdim=True)).exp_()  # exp(z - max)
             denom = z.sum(-1, keepdim=True)  # (rows, 1)
             keep = (y != IGNORE)[:, None]  # (rows, 1)
@@ -43,7 +44,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             z.mul_(keep / denom).scatter_add_(-1, y, -keep.to(z.dtype))  # softmax - onehot, 0 where ignored
             g = z.to(hidden.dtype)
             if grad_h is not None:
-                torch.mm(g, weight.to(hidden.dtype), out=grad_h[s:s + rows])
+                torch.mm(g, w, out=grad_h[s:s + rows])
             if grad_w is not None:  # the first block writes, the others add
                 gw_block = (g.T.to(torch.float32), h.to(torch.float32))
                 grad_w.addmm_(*gw_block) if s else torch.mm(*gw_block, out=grad_w)
