@@ -19,6 +19,28 @@ def _hand_backward(*tensors: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+# ---- linear layers -------------------------------------------------------------------------------
+
+_ROW_BLOCKS = 16  # row blocks of a one-row product on CPU (>= the threads it should spread over)
+
+
+class Linear(nn.Linear):
+    """nn.Linear, except for one input row of fp32 on CPU (batch-1 decoding): MKL's matrix-vector product
+    runs on one thread there (a 2-core EPYC: 7 GB/s at 1 and 2 threads), so the weight is multiplied as a
+    batch of row blocks, which spreads over every thread (13-15 GB/s; under torch.compile inductor turns it
+    into its own vectorised reduction, as fast). bf16 keeps F.linear: oneDNN's kernel already uses every thread."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if x.numel() != x.shape[-1] or x.dtype != torch.float32 or x.device.type != "cpu" \
+                or w.shape[0] % _ROW_BLOCKS:
+            return F.linear(x, w, self.bias)
+        blocks = w.view(_ROW_BLOCKS, w.shape[0] // _ROW_BLOCKS, w.shape[1])  # (G, out / G, in)
+        y = torch.bmm(blocks, x.reshape(1, -1).T.expand(_ROW_BLOCKS, -1, 1))  # (G, out / G, 1)
+        y = y.view(*x.shape[:-1], w.shape[0])  # (..., out)
+        return y if self.bias is None else y + self.bias
+
+
 # ---- norms -----------------------------------------------------------------------------------------
 
 
@@ -174,8 +196,8 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
-        self.qkv = nn.Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=c.qkv_bias)
-        self.out = nn.Linear(c.n_heads * c.head_dim, c.dim, bias=c.bias)
+        self.qkv = Linear(c.dim, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim, bias=c.qkv_bias)
+        self.out = Linear(c.n_heads * c.head_dim, c.dim, bias=c.bias)
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple | None, mask: torch.Tensor | None, pos: torch.Tensor | None,
@@ -214,8 +236,8 @@ class SwiGLU(nn.Module):
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.gate_up = nn.Linear(c.dim, 2 * c.ffn_dim, bias=c.bias)
-        self.down = nn.Linear(c.ffn_dim, c.dim, bias=c.bias)
+        self.gate_up = Linear(c.dim, 2 * c.ffn_dim, bias=c.bias)
+        self.down = Linear(c.ffn_dim, c.dim, bias=c.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up(x)  # (B, T, 2 * ffn_dim)
@@ -253,8 +275,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, c: ModelConfig) -> None:
         super().__init__()
-        self.up = nn.Linear(c.dim, c.ffn_dim, bias=c.bias)
-        self.down = nn.Linear(c.ffn_dim, c.dim, bias=c.bias)
+        self.up = Linear(c.dim, c.ffn_dim, bias=c.bias)
+        self.down = Linear(c.ffn_dim, c.dim, bias=c.bias)
         self.approximate = c.gelu_approx
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -286,7 +308,7 @@ class Transformer(nn.Module):
         self.emb_norm = make_norm(c) if c.embed_norm else None
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = make_norm(c)
-        self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
+        self.lm_head = Linear(c.dim, c.vocab_size, bias=False)
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.reset_buffers()

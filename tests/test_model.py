@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.model import _RMSNormFn, _SiluMul, apply_rope
+from lmforge.model import Linear, _RMSNormFn, _SiluMul, apply_rope
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -77,3 +77,25 @@ def test_rope_gradient_matches_plain_form(interleaved, monkeypatch):
     ref, ref_grads = _run(lambda x: apply_rope(x, C, S, interleaved), x)
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(grads, ref_grads)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 24), (1, 24), (24,)])
+def test_one_row_linear_matches_f_linear(bias, shape):
+    """The row-block product used for one fp32 row on CPU (decoding) == F.linear, values and gradients."""
+    torch.manual_seed(0)
+    layer = Linear(24, 48, bias=bias)
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    ref_layer = torch.nn.Linear(24, 48, bias=bias)
+    ref_layer.load_state_dict(layer.state_dict())
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = ref_layer(x_ref)
+    assert y.shape == ref.shape == (*shape[:-1], 48)
+    torch.testing.assert_close(y, ref)
+    y.square().sum().backward()
+    ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(layer.weight.grad, ref_layer.weight.grad)
+    odd = Linear(24, 40)  # rows not divisible into the blocks: F.linear
+    torch.testing.assert_close(odd(x.detach()), F.linear(x.detach(), odd.weight, odd.bias))
