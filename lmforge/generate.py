@@ -63,7 +63,9 @@ def prefill(model: Transformer, ids: torch.Tensor, offsets: torch.Tensor | None 
         causal = positions[:, None] >= positions  # (P, P)
         mask = ((causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device))[:, None]
         position_ids = (positions - offsets).clamp(min=0)  # (B, P)
-    return model(ids, positions=positions, mask=mask, position_ids=position_ids)[:, -1].float()  # (B, vocab)
+    last = torch.zeros(B, P, dtype=torch.bool, device=ids.device)
+    last[:, -1] = True  # the LM head only at the last position: not (B, P, vocab) logits for a long prompt
+    return model(ids, positions=positions, mask=mask, position_ids=position_ids, logits_at=last).float()  # (B, vocab)
 
 
 def decode_one_token(model: Transformer, token: torch.Tensor, pos: torch.Tensor,

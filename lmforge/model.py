@@ -3,6 +3,7 @@ MLP, each with a residual) -> final norm -> LM head. One `forward` serves traini
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,23 +23,45 @@ def _hand_backward(*tensors: torch.Tensor) -> bool:
 # ---- linear layers -------------------------------------------------------------------------------
 
 _ROW_BLOCKS = 16  # row blocks of a one-row product on CPU (>= the threads it should spread over)
+_UPCAST_ROWS = 16  # from this many rows, a bf16/fp16 product on a CPU without such instructions runs in fp32
+
+
+@functools.cache
+def _emulated_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU lacks instructions for `dtype` matmuls (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16), so
+    that oneDNN converts every element of both operands for every product (15 GFLOPS vs fp32's 90 measured
+    on a 2-core EPYC): there, converting the weight once and multiplying in fp32 is 2x (32 rows) to 4x (256)
+    faster. Same result: a product of two bf16 (fp16) numbers is exact in fp32, and both sum in fp32."""
+    cpu = torch.cpu
+    if dtype == torch.bfloat16:
+        return not (getattr(cpu, "_is_avx512_bf16_supported", bool)() or getattr(cpu, "_is_amx_tile_supported", bool)())
+    return dtype == torch.float16 and not getattr(cpu, "_is_amx_fp16_supported", bool)()
 
 
 class Linear(nn.Linear):
-    """nn.Linear, except for one input row of fp32 on CPU (batch-1 decoding): MKL's matrix-vector product
-    runs on one thread there (a 2-core EPYC: 7 GB/s at 1 and 2 threads), so the weight is multiplied as a
-    batch of row blocks, which spreads over every thread (13-15 GB/s; under torch.compile inductor turns it
-    into its own vectorised reduction, as fast). bf16 keeps F.linear: oneDNN's kernel already uses every thread."""
+    """nn.Linear with two CPU inference paths chosen by measurement:
+    - one fp32 row (batch-1 decoding): MKL's matrix-vector product runs on one thread there (a 2-core EPYC:
+      7 GB/s at 1 and 2 threads), so the weight is multiplied as a batch of row blocks, which spreads over
+      every thread (13-15 GB/s; under torch.compile inductor turns it into its own vectorised reduction, as
+      fast). bf16 keeps F.linear: oneDNN's kernel already uses every thread.
+    - many bf16/fp16 rows (a prompt's prefill) without a backward, on a CPU that emulates those matmuls
+      (`_emulated_half`): in fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if x.numel() != x.shape[-1] or x.dtype != torch.float32 or x.device.type != "cpu" \
-                or w.shape[0] % _ROW_BLOCKS:
+        if x.device.type != "cpu":
             return F.linear(x, w, self.bias)
-        blocks = w.view(_ROW_BLOCKS, w.shape[0] // _ROW_BLOCKS, w.shape[1])  # (G, out / G, in)
-        y = torch.bmm(blocks, x.reshape(1, -1).T.expand(_ROW_BLOCKS, -1, 1))  # (G, out / G, 1)
-        y = y.view(*x.shape[:-1], w.shape[0])  # (..., out)
-        return y if self.bias is None else y + self.bias
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows == 1 and x.dtype == torch.float32 and w.shape[0] % _ROW_BLOCKS == 0:
+            blocks = w.view(_ROW_BLOCKS, w.shape[0] // _ROW_BLOCKS, w.shape[1])  # (G, out / G, in)
+            y = torch.bmm(blocks, x.reshape(1, -1).T.expand(_ROW_BLOCKS, -1, 1))  # (G, out / G, 1)
+            y = y.view(*x.shape[:-1], w.shape[0])  # (..., out)
+            return y if self.bias is None else y + self.bias
+        if rows >= _UPCAST_ROWS and x.dtype == w.dtype and not (torch.is_grad_enabled() and (
+                x.requires_grad or w.requires_grad)) and _emulated_half(x.dtype):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), w.float(), bias).to(x.dtype)
+        return F.linear(x, w, self.bias)
 
 
 # ---- norms -----------------------------------------------------------------------------------------

@@ -57,7 +57,7 @@ class Scripted(torch.nn.Module):
     def clear_cache(self) -> None:
         self.cache_len = None
 
-    def forward(self, ids, positions=None, mask=None, position_ids=None):
+    def forward(self, ids, positions=None, mask=None, position_ids=None, logits_at=None):
         B, T = ids.shape
         if int(positions[0]) == 0:
             self.prompts.append(ids[0].tolist())
@@ -65,7 +65,7 @@ class Scripted(torch.nn.Module):
         k = int(positions[-1]) + 1 - self.start
         logits = torch.zeros(B, T, self.vocab)
         logits[:, -1, self.script[min(k, len(self.script) - 1)]] = 1.0
-        return logits
+        return logits if logits_at is None else logits[logits_at.to(logits.device)]  # (N, vocab) as the model
 
 
 # ---- exactness -------------------------------------------------------------------------------------------

@@ -99,3 +99,25 @@ def test_one_row_linear_matches_f_linear(bias, shape):
     torch.testing.assert_close(layer.weight.grad, ref_layer.weight.grad)
     odd = Linear(24, 40)  # rows not divisible into the blocks: F.linear
     torch.testing.assert_close(odd(x.detach()), F.linear(x.detach(), odd.weight, odd.bias))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_many_half_rows_without_half_instructions_run_in_fp32(dtype, monkeypatch):
+    """A prompt's bf16/fp16 rows on a CPU that emulates such matmuls: fp32 product, same value as the
+    half-precision kernel up to its rounding; with a backward, or few rows, the plain kernel."""
+    import lmforge.model as model_mod
+
+    monkeypatch.setattr(model_mod, "_emulated_half", lambda dtype: True)
+    torch.manual_seed(0)
+    layer = Linear(64, 32).to(dtype)
+    x = torch.randn(2, 16, 64, dtype=dtype)
+    with torch.no_grad():
+        y = layer(x)
+        exact = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    assert y.dtype == dtype
+    assert torch.equal(y, exact.to(dtype))
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
+    few = x[:, :2]
+    assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))  # not enough rows to pay off
+    grad_x = x.clone().requires_grad_(True)
+    assert torch.equal(layer(grad_x), F.linear(grad_x, layer.weight, layer.bias))  # training: unchanged
