@@ -1,6 +1,7 @@
 """Forward + backward + AdamW step: tokens/s and peak memory of lmforge vs transformers.LlamaForCausalLM.
 
-Same config, same weights, same batches; timing rounds alternate between the two in one process. Peak
+Same config, same weights, same batches; steps alternate between the two in one process (the ratio is the
+median of the paired steps' ratios). Peak
 memory is each framework's own child process' max RSS over the same steps (CPU has no allocator stats).
 
     python benchmarks/forward_backward.py [--rounds 3] [--steps 3] [--batch 8] [--seq 256] [--device cpu]
@@ -59,7 +60,7 @@ def make_step(which: str, model, device: str):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
@@ -85,7 +86,7 @@ def child_memory(which: str, args) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
@@ -125,25 +126,31 @@ def main() -> None:
     steps = {"lmforge": make_step("lmforge", ours, args.device), "transformers": make_step("transformers", ref, args.device)}
     for name, step in steps.items():  # warm-up, and the two agree on the loss
         print(f"{name:12s} first-step loss {step(*data[0]):.5f}")
+    # one step of each, alternating (and swapping which goes first), so that both see the same machine: a
+    # shared CPU's speed drifts by +-15% within seconds; the ratio is the median of the paired steps' ratios
     times: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            for x, y in data:
-                step(x, y)
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times[name].append(args.steps * args.batch * args.seq / (time.perf_counter() - t))
+    for r in range(args.rounds):
+        for i, (x, y) in enumerate(data):
+            order = list(steps) if (r + i) % 2 == 0 else list(steps)[::-1]
+            for name in order:
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                steps[name](x, y)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append(args.batch * args.seq / (time.perf_counter() - t))
     mem = {k: child_memory(k, args) for k in steps}
     print(f"\n{n_params / 1e6:.1f}M-parameter LLaMA, batch {args.batch} x {args.seq}, {args.device}, fp32 eager, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'':14s}{'tokens/s (median)':>20s}{'min':>10s}{'max':>10s}{'peak MiB':>12s}")
     for k in steps:
         print(f"{k:14s}{statistics.median(times[k]):20,.0f}{min(times[k]):10,.0f}{max(times[k]):10,.0f}{mem[k]:12,.0f}")
-    ratio = statistics.median(times["lmforge"]) / statistics.median(times["transformers"])
-    print(f"\nspeed ratio lmforge / transformers: {ratio:.2f}x   memory ratio: {mem['lmforge'] / mem['transformers']:.2f}x")
+    pairs = [a / b for a, b in zip(times["lmforge"], times["transformers"])]
+    print("paired ratios:", " ".join(f"{p:.2f}" for p in pairs))
+    ratio = statistics.median(pairs)
+    print(f"\nspeed ratio lmforge / transformers (median of {len(times['lmforge'])} paired steps): {ratio:.2f}x   "
+          f"memory ratio: {mem['lmforge'] / mem['transformers']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """A pretraining step through lmforge's real loop (`fit`: accumulation, clipping, schedule, logging) vs a
 plain transformers.LlamaForCausalLM + torch.optim.AdamW loop, same config, weights and batches, CPU.
 
-Rounds alternate between the two in one process; tokens/s is the median over measured steps. Peak memory
+Rounds alternate between the two in one process; tokens/s is the median over measured steps, the ratio
+the median of the rounds' paired ratios. Peak memory
 is each side's own child process' RSS high-water mark above its state after building model and data.
 
     python benchmarks/train_throughput.py [--rounds 3] [--steps 4] [--batch 8] [--seq 256]
@@ -53,7 +54,7 @@ def hf_run(model, data, steps: int, opt) -> list[float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        float(loss)
+        float(loss.detach())
         out.append(x.numel() / (time.perf_counter() - t))
     return out[1:]
 
@@ -87,7 +88,7 @@ def child(which: str, args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
@@ -99,10 +100,17 @@ def main() -> None:
     ours, ref = hf_pair("cpu")
     data = batches(args.steps, args.batch, args.seq)
     opt = torch.optim.AdamW(ref.parameters(), lr=1e-4)
+    # rounds alternate (swapping which goes first); a shared CPU's speed drifts by +-15% within seconds, so
+    # the ratio is the median over rounds of each round's ratio of medians (paired, seconds apart)
     speeds: dict[str, list[float]] = {"lmforge": [], "transformers": []}
-    for _ in range(args.rounds):
-        speeds["lmforge"] += lmforge_run(ours, data, args.steps)
-        speeds["transformers"] += hf_run(ref, data, args.steps, opt)
+    ratios = []
+    for r in range(args.rounds):
+        runs = {"lmforge": lambda: lmforge_run(ours, data, args.steps),
+                "transformers": lambda: hf_run(ref, data, args.steps, opt)}
+        got = {k: runs[k]() for k in (list(runs) if r % 2 == 0 else list(runs)[::-1])}
+        for k, v in got.items():
+            speeds[k] += v
+        ratios.append(statistics.median(got["lmforge"]) / statistics.median(got["transformers"]))
     mem = {}
     for k in speeds:
         out = subprocess.run([sys.executable, __file__, "--child", k, "--steps", str(args.steps), "--batch",
@@ -114,8 +122,8 @@ def main() -> None:
     print(f"{'':14s}{'tokens/s median':>18s}{'min':>10s}{'max':>10s}{'peak MiB':>12s}")
     for k, v in speeds.items():
         print(f"{k:14s}{statistics.median(v):18,.0f}{min(v):10,.0f}{max(v):10,.0f}{mem[k]:12,.0f}")
-    ratio = statistics.median(speeds["lmforge"]) / statistics.median(speeds["transformers"])
-    print(f"\nspeed ratio lmforge / transformers: {ratio:.2f}x   memory ratio: {mem['lmforge'] / mem['transformers']:.2f}x")
+    print(f"\nspeed ratio lmforge / transformers (median of {args.rounds} paired rounds): "
+          f"{statistics.median(ratios):.2f}x   memory ratio: {mem['lmforge'] / mem['transformers']:.2f}x")
 
 
 if __name__ == "__main__":
