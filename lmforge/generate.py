@@ -7,6 +7,7 @@ batch equals generating each prompt alone.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -124,6 +125,17 @@ def _compiled_step(device: torch.device) -> Callable[..., torch.Tensor]:
         else:
             _COMPILED[device.type] = torch.compile(decode_one_token, options={"cpp_wrapper": device.type == "cpu"})
     return _COMPILED[device.type]
+
+
+def _known_shapes() -> Any:
+    """Context for the compiled step's calls after the first of a generate() call: the same graph runs (same
+    batch, cache, dtypes; only values change), so dynamo skips re-checking its ~300 tensor guards (parameters,
+    caches): 1.2 -> 0.3 ms a token on a 2-core CPU, next to a 26 ms step. The first call of each generate()
+    checks them all (and compiles anew when shapes changed)."""
+    try:
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+    except TypeError:  # a torch without the option
+        return contextlib.nullcontext()
 
 
 # ---- text ----------------------------------------------------------------------------------------------------
@@ -251,7 +263,8 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
                 if cfg.compile:
                     if device.type == "cuda":
                         torch.compiler.cudagraph_mark_step_begin()
-                    logits = step(model, token[:, None], pos, key_valid, offsets if padded else None)
+                    with _known_shapes() if t > 0 else contextlib.nullcontext():
+                        logits = step(model, token[:, None], pos, key_valid, offsets if padded else None)
                 elif padded:  # attend only to the filled part of the cache
                     logits = step(model, token[:, None], pos, key_valid[:, : P + t + 1], offsets)
                 else:
