@@ -31,7 +31,7 @@ class GenerationConfig:
     seed: int | None = None  # seeds a private torch.Generator: same seed, same samples
     stop_ids: Sequence[int] = ()  # extra to the tokenizer's eos
     stop_strings: Sequence[str] = ()  # needs a tokenizer
-    compile: bool = False  # torch.compile the decode step (fixed shapes: mask length = cache length)
+    compile: bool = False  # torch.compile the decode step (CUDA graphs: fixed shapes; CPU: dynamic in length)
 
     def __post_init__(self) -> None:
         checks = [
@@ -73,8 +73,8 @@ def decode_one_token(model: Transformer, token: torch.Tensor, pos: torch.Tensor,
                      key_valid: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
     """One step: `token` (B, 1) at cache slot `pos` (1,) -> next-token logits (B, vocab) in fp32.
 
-    key_valid: (B, S) False at pad slots; S is the filled length (eager) or the whole cache (compiled, fixed
-    shapes). offsets: (B, 1) left-pad counts, so row b sits at position pos - offsets[b]."""
+    key_valid: (B, S) False at pad slots; S is the filled length (eager, and compiled on CPU: one graph with S
+    dynamic) or the whole cache (CUDA graphs need fixed shapes). offsets: (B, 1) left-pad counts, so row b sits at position pos - offsets[b]."""
     mask = position_ids = None
     if key_valid is not None:
         slots = torch.arange(key_valid.shape[1], device=key_valid.device)  # (S,)
@@ -263,8 +263,12 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
                 if cfg.compile:
                     if device.type == "cuda":
                         torch.compiler.cudagraph_mark_step_begin()
+                    valid = key_valid
+                    if device.type == "cpu":  # attend to the filled slots only: one graph, dynamic in their number
+                        valid = key_valid[:, : P + t + 1]
+                        torch._dynamo.maybe_mark_dynamic(valid, 1)
                     with _known_shapes() if t > 0 else contextlib.nullcontext():
-                        logits = step(model, token[:, None], pos, key_valid, offsets if padded else None)
+                        logits = step(model, token[:, None], pos, valid, offsets if padded else None)
                 elif padded:  # attend only to the filled part of the cache
                     logits = step(model, token[:, None], pos, key_valid[:, : P + t + 1], offsets)
                 else:
