@@ -74,7 +74,8 @@ def decode_one_token(model: Transformer, token: torch.Tensor, pos: torch.Tensor,
     """One step: `token` (B, 1) at cache slot `pos` (1,) -> next-token logits (B, vocab) in fp32.
 
     key_valid: (B, S) False at pad slots; S is the filled length (eager, and compiled on CPU: one graph with S
-    dynamic) or the whole cache (CUDA graphs need fixed shapes). offsets: (B, 1) left-pad counts, so row b sits at position pos - offsets[b]."""
+    dynamic) or the whole cache (CUDA graphs need fixed shapes). offsets: (B, 1) left-pad counts, so row b
+    sits at position pos - offsets[b]."""
     mask = position_ids = None
     if key_valid is not None:
         slots = torch.arange(key_valid.shape[1], device=key_valid.device)  # (S,)
