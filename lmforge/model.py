@@ -3,7 +3,6 @@ MLP, each with a residual) -> final norm -> LM head. One `forward` serves traini
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -26,16 +25,19 @@ _ROW_BLOCKS = 16  # row blocks of a one-row product on CPU (>= the threads it sh
 _UPCAST_ROWS = 16  # from this many rows, a bf16/fp16 product on a CPU without such instructions runs in fp32
 
 
-@functools.cache
-def _emulated_half(dtype: torch.dtype) -> bool:
-    """Whether this CPU lacks instructions for `dtype` matmuls (bf16: AVX512-BF16 or AMX; fp16: AMX-FP16), so
-    that oneDNN converts every element of both operands for every product (15 GFLOPS vs fp32's 90 measured
-    on a 2-core EPYC): there, converting the weight once and multiplying in fp32 is 2x (32 rows) to 4x (256)
-    faster. Same result: a product of two bf16 (fp16) numbers is exact in fp32, and both sum in fp32."""
-    cpu = torch.cpu
-    if dtype == torch.bfloat16:
-        return not (getattr(cpu, "_is_avx512_bf16_supported", bool)() or getattr(cpu, "_is_amx_tile_supported", bool)())
-    return dtype == torch.float16 and not getattr(cpu, "_is_amx_fp16_supported", bool)()
+def _emulated_half() -> dict[torch.dtype, bool]:
+    """Which half-precision matmuls this CPU lacks instructions for (bf16: AVX512-BF16 or AMX; fp16:
+    AMX-FP16), so that oneDNN converts every element of both operands for every product (15 GFLOPS vs fp32's
+    90 measured on a 2-core EPYC): there, converting the weight once and multiplying in fp32 is 2x (32 rows)
+    to 4x (256) faster. Same result: a product of two bf16 (fp16) numbers is exact in fp32, and both sum in
+    fp32."""
+    has = {name: getattr(torch.cpu, name, lambda: False)() for name in
+           ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported")}
+    return {torch.bfloat16: not (has["_is_avx512_bf16_supported"] or has["_is_amx_tile_supported"]),
+            torch.float16: not has["_is_amx_fp16_supported"]}
+
+
+_EMULATED_HALF = _emulated_half()  # read once: a plain dict lookup in forward (also under torch.compile)
 
 
 class Linear(nn.Linear):
@@ -45,7 +47,7 @@ class Linear(nn.Linear):
       every thread (13-15 GB/s; under torch.compile inductor turns it into its own vectorised reduction, as
       fast). bf16 keeps F.linear: oneDNN's kernel already uses every thread.
     - many bf16/fp16 rows (a prompt's prefill) without a backward, on a CPU that emulates those matmuls
-      (`_emulated_half`): in fp32."""
+      (`_EMULATED_HALF`): in fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
@@ -58,7 +60,7 @@ class Linear(nn.Linear):
             y = y.view(*x.shape[:-1], w.shape[0])  # (..., out)
             return y if self.bias is None else y + self.bias
         if rows >= _UPCAST_ROWS and x.dtype == w.dtype and not (torch.is_grad_enabled() and (
-                x.requires_grad or w.requires_grad)) and _emulated_half(x.dtype):
+                x.requires_grad or w.requires_grad)) and _EMULATED_HALF.get(x.dtype, False):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), w.float(), bias).to(x.dtype)
         return F.linear(x, w, self.bias)

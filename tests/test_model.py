@@ -107,7 +107,7 @@ def test_many_half_rows_without_half_instructions_run_in_fp32(dtype, monkeypatch
     half-precision kernel up to its rounding; with a backward, or few rows, the plain kernel."""
     import lmforge.model as model_mod
 
-    monkeypatch.setattr(model_mod, "_emulated_half", lambda dtype: True)
+    monkeypatch.setitem(model_mod._EMULATED_HALF, dtype, True)
     torch.manual_seed(0)
     layer = Linear(64, 32).to(dtype)
     x = torch.randn(2, 16, 64, dtype=dtype)
