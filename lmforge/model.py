@@ -54,7 +54,7 @@ class Linear(nn.Linear):
         if x.device.type != "cpu":
             return F.linear(x, w, self.bias)
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows == 1 and x.dtype == torch.float32 and w.shape[0] % _ROW_BLOCKS == 0:
+        if rows == 1 and x.dtype == torch.float32 and w.shape[0] % _ROW_BLOCKS == 0 and w.is_contiguous():
             blocks = w.view(_ROW_BLOCKS, w.shape[0] // _ROW_BLOCKS, w.shape[1])  # (G, out / G, in)
             y = torch.bmm(blocks, x.reshape(1, -1).T.expand(_ROW_BLOCKS, -1, 1))  # (G, out / G, 1)
             y = y.view(*x.shape[:-1], w.shape[0])  # (..., out)

@@ -99,6 +99,9 @@ def test_one_row_linear_matches_f_linear(bias, shape):
     torch.testing.assert_close(layer.weight.grad, ref_layer.weight.grad)
     odd = Linear(24, 40)  # rows not divisible into the blocks: F.linear
     torch.testing.assert_close(odd(x.detach()), F.linear(x.detach(), odd.weight, odd.bias))
+    strided = Linear(24, 48)  # a weight that is a transposed view (not contiguous): F.linear
+    strided.weight = torch.nn.Parameter(torch.randn(24, 48).T)
+    torch.testing.assert_close(strided(x.detach()), F.linear(x.detach(), strided.weight, strided.bias))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
