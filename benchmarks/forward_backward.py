@@ -1,10 +1,10 @@
 """Forward + backward + AdamW step: tokens/s and peak memory of lmforge vs transformers.LlamaForCausalLM.
 
 Same config, same weights, same batches; steps alternate between the two in one process (the ratio is the
-median of the paired steps' ratios). Peak
-memory is each framework's own child process' max RSS over the same steps (CPU has no allocator stats).
+median of the paired steps' ratios). Peak memory is each framework's own child process' max RSS over the
+same steps (CPU has no allocator stats).
 
-    python benchmarks/forward_backward.py [--rounds 3] [--steps 3] [--batch 8] [--seq 256] [--device cpu]
+    python benchmarks/forward_backward.py [--rounds 4] [--steps 3] [--batch 8] [--seq 256] [--device cpu]
 """
 
 from __future__ import annotations

@@ -2,10 +2,10 @@
 plain transformers.LlamaForCausalLM + torch.optim.AdamW loop, same config, weights and batches, CPU.
 
 Rounds alternate between the two in one process; tokens/s is the median over measured steps, the ratio
-the median of the rounds' paired ratios. Peak memory
-is each side's own child process' RSS high-water mark above its state after building model and data.
+the median of the rounds' paired ratios. Peak memory is each side's own child process' RSS high-water mark
+above its state after building model and data.
 
-    python benchmarks/train_throughput.py [--rounds 3] [--steps 4] [--batch 8] [--seq 256]
+    python benchmarks/train_throughput.py [--rounds 6] [--steps 4] [--batch 8] [--seq 256]
 """
 
 from __future__ import annotations

@@ -262,17 +262,18 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
                     seen.scatter_(1, token[:, None], True)
                 if done_mask is not None:  # finished rows go on with pad; their output is already cut
                     token = token.masked_fill(done_mask, pad)
+                filled = key_valid[:, : P + t + 1]  # attend only to the filled part of the cache
                 if cfg.compile:
+                    valid = key_valid  # CUDA graphs need fixed shapes: the whole cache
                     if device.type == "cuda":
                         torch.compiler.cudagraph_mark_step_begin()
-                    valid = key_valid
-                    if device.type == "cpu":  # attend to the filled slots only: one graph, dynamic in their number
-                        valid = key_valid[:, : P + t + 1]
+                    elif device.type == "cpu":  # one graph, dynamic in the number of filled slots
+                        valid = filled
                         torch._dynamo.maybe_mark_dynamic(valid, 1)
                     with _known_shapes() if t > 0 else contextlib.nullcontext():
                         logits = step(model, token[:, None], pos, valid, offsets if padded else None)
-                elif padded:  # attend only to the filled part of the cache
-                    logits = step(model, token[:, None], pos, key_valid[:, : P + t + 1], offsets)
+                elif padded:
+                    logits = step(model, token[:, None], pos, filled, offsets)
                 else:
                     logits = step(model, token[:, None], pos)
                 pos += 1
