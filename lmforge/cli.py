@@ -34,9 +34,11 @@ def _parser() -> ArgumentParser:
 
     q = ArgumentParser(description="The whole path on an embedded corpus, on CPU, in a few minutes.")
     q.add_argument("--out", default="runs/quickstart", help="run folder")
-    q.add_argument("--steps", type=int, default=1200, help="pretraining steps")
+    q.add_argument("--steps", type=int, default=1000, help="pretraining steps")
+    q.add_argument("--sft-steps", type=int, default=300, help="fine-tuning steps")
+    q.add_argument("--align-steps", type=int, default=120, help="DPO steps")
     q.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    sub.add_subcommand("quickstart", q, help="tokenizer -> pretrain -> samples on an embedded corpus")
+    sub.add_subcommand("quickstart", q, help="tokenizer -> pretrain -> samples -> SFT -> DPO -> chat on an embedded corpus")
 
     sub.add_subcommand("pretrain", _recipe_parser(PretrainConfig, "Pretrain from scratch or continue from a "
                                                   "checkpoint."), help="pretrain or continue pretraining")
@@ -150,7 +152,7 @@ def run(argv: list[str] | None = None) -> None:
     if cmd == "quickstart":
         from lmforge.recipes.quickstart import run as quickstart
 
-        quickstart(a.out, steps=a.steps, device=a.device)
+        quickstart(a.out, steps=a.steps, device=a.device, sft_steps=a.sft_steps, align_steps=a.align_steps)
     elif cmd == "pretrain":
         from lmforge.recipes.pretrain import PretrainConfig
         from lmforge.recipes.pretrain import run as pretrain

@@ -150,9 +150,13 @@ STAGES: list[tuple[str, Callable[[State], str]]] = [
 ]
 
 
-def run(out: str | Path = "runs/quickstart", steps: int = 1200, device: str = "auto") -> State:
+def run(out: str | Path = "runs/quickstart", steps: int = 1000, device: str = "auto", sft_steps: int = 300,
+        align_steps: int = 120) -> State:
     """Runs every stage in order and prints what each achieved."""
-    s = State(Path(out), device, steps)
+    for name, n in (("steps", steps), ("sft-steps", sft_steps), ("align-steps", align_steps)):
+        if n < 1:  # checked before any stage runs, not minutes later when its stage starts
+            raise ValueError(f"quickstart --{name} must be >= 1, got {n}")
+    s = State(Path(out), device, steps, sft_steps, align_steps)
     s.out.mkdir(parents=True, exist_ok=True)
     for name, stage in STAGES:
         print(f"\n== {name} ==")
