@@ -18,12 +18,17 @@ def _recipe_parser(cls: type, description: str) -> ArgumentParser:
     p = ArgumentParser(description=description, default_env=False)
     p.add_argument("--config", action=ActionConfigFile, help="a YAML recipe; later options override it")
     p.add_class_arguments(cls, fail_untyped=True)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint in out_dir (same as --train.resume true)")
     return p
 
 
 def _build(cls: type, ns: Any) -> Any:
     """The recipe dataclass from a parsed (already instantiated) namespace."""
-    return cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls) if f.name in ns})
+    cfg = cls(**{f.name: ns[f.name] for f in dataclasses.fields(cls) if f.name in ns})
+    if ns.get("resume"):
+        cfg.train.resume = True
+    return cfg
 
 
 def _parser() -> ArgumentParser:
@@ -53,6 +58,11 @@ def _parser() -> ArgumentParser:
     tt.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size, special tokens included")
     tt.add_argument("--out", required=True, help="folder for tokenizer.json + tokenizer_config.json")
     tt.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge")
+    tt.add_argument("--eos", default="<|im_end|>", help="end-of-text token (also ends a chat turn)")
+    tt.add_argument("--bos", default=None, help="beginning-of-text token, e.g. '<s>' (default: none)")
+    tt.add_argument("--add-bos", action="store_true", help="prepend bos when encoding (needs --bos)")
+    tt.add_argument("--pad", default="<|pad|>", help="padding token")
+    tt.add_argument("--extra-tokens", type=list[str], default=[], help="more special tokens, e.g. '[<tool>]'")
     tsub.add_subcommand("train", tt, help="train a tokenizer")
 
     pr = ArgumentParser(description="Tokenize a corpus once into token shards with a manifest.")
@@ -164,10 +174,14 @@ def run(argv: list[str] | None = None) -> None:
                 __import__(module, fromlist=["run"]).run(_build(cls, a))
     elif cmd == "tokenizer":
         from lmforge.data.pretrain import resolve_sources
-        from lmforge.tokenizer import train_tokenizer
+        from lmforge.tokenizer import SpecialTokens, train_tokenizer
 
         t = a.train
-        tok = train_tokenizer(resolve_sources(t.files), t.vocab_size, min_frequency=t.min_frequency)
+        if t.add_bos and not t.bos:
+            raise ValueError("--add-bos needs a bos token: give --bos (e.g. --bos '<s>')")
+        specials = SpecialTokens(eos=t.eos, pad=t.pad, bos=t.bos, extra=tuple(t.extra_tokens))
+        tok = train_tokenizer(resolve_sources(t.files), t.vocab_size, min_frequency=t.min_frequency,
+                              special_tokens=specials, add_bos=t.add_bos)
         tok.save(t.out)
         print(f"wrote {t.out} ({tok.vocab_size} tokens)")
     elif cmd == "prepare":
@@ -187,9 +201,8 @@ def run(argv: list[str] | None = None) -> None:
         from lmforge.generate import generate, stream
 
         model, tok = _load(a)
-        prompt = tok.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True) \
-            if a.chat else a.prompt
-        ids = tok.encode(prompt)
+        ids = tok.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True,
+                                      tokenize=True) if a.chat else tok.encode(a.prompt)  # the template has its bos
         if a.stream:
             for piece in stream(model, tok, ids, **_sampling(a)):
                 print(piece, end="", flush=True)
@@ -221,11 +234,11 @@ def _looks_like_choices(path: str) -> bool:
 
     if not path.endswith(".jsonl"):
         return False
-    with open(path, encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "{}")
     try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "{}")
         return "choices" in json.loads(first)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):  # the data reader reports it with file and line
         return False
 
 
@@ -269,15 +282,25 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import jinja2
+
     from lmforge.checkpoint import CheckpointError
     from lmforge.config import ConfigError
+    from lmforge.model import PlacementError
     from lmforge.train.distributed import DistributedError, shutdown
+    from lmforge.train.loop import NonFiniteError
 
     try:
         run(argv)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError, KeyError) as e:
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError, KeyError, PlacementError) as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except jinja2.TemplateError as e:  # the model's chat template is broken or refuses these messages
+        print(f"lmforge: error: chat template: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteError as e:  # the run stopped; its last good checkpoint is untouched
+        print(f"lmforge: error: {e}", file=sys.stderr)
+        sys.exit(1)
     except DistributedError as e:  # another process died or hung (under torchrun)
         print(f"lmforge: error: {e}", file=sys.stderr)
         sys.exit(1)

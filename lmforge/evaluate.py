@@ -34,6 +34,8 @@ def perplexity(model: Transformer, tokenizer: Any, path_or_texts: str | os.PathL
     scores n - 1 — the same as `transformers`' `model(window, labels=window).loss`. `tokens` counts the scored
     tokens; `loss` is their mean negative log-likelihood in nats."""
     _no_cache(model)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     seq_len = seq_len or model.config.max_seq_len
     if not 2 <= seq_len <= model.config.max_seq_len:
         raise ValueError(f"seq_len={seq_len} must be in [2, the model's context {model.config.max_seq_len}]")

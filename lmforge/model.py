@@ -40,6 +40,10 @@ def _emulated_half() -> dict[torch.dtype, bool]:
 _EMULATED_HALF = _emulated_half()  # read once: a plain dict lookup in forward (also under torch.compile)
 
 
+class PlacementError(RuntimeError):
+    """The inputs and the parameters are on different devices or in different dtypes (the user's mix-up)."""
+
+
 class Linear(nn.Linear):
     """nn.Linear with two CPU inference paths chosen by measurement:
     - one fp32 row (batch-1 decoding): MKL's matrix-vector product runs on one thread there (a 2-core EPYC:
@@ -458,7 +462,7 @@ class Transformer(nn.Module):
         except RuntimeError as e:
             msg = str(e)
             if "same device" in msg or "dtype" in msg or "scalar type" in msg:
-                raise RuntimeError(f"device/dtype mix-up: {self._placement()}; inputs on {input_ids.device}, "
+                raise PlacementError(f"device/dtype mix-up: {self._placement()}; inputs on {input_ids.device}, "
                                    f"mask {None if mask is None else (mask.device, mask.dtype)}. "
                                    f"Move the whole model with model.to(...). ({msg.splitlines()[0]})") from e
             raise

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from lmforge.checkpoint import load, load_weights, save, write_model_folder
-from lmforge.config import ModelConfig
+from lmforge.config import ConfigError, ModelConfig
 from lmforge.model import Transformer
 from lmforge.utils import resolve_device, resolve_dtype
 
@@ -35,6 +35,21 @@ class ModelSpec:
     init_from: str | None = None
     device: str = "auto"
     dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        """A misspelt or impossible model is refused here, when the recipe is read, not after the tokenizer
+        and the data were prepared."""
+        if self.init_from:
+            return
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(self.overrides) - known)
+        if unknown:
+            raise ConfigError(f"model.overrides: unknown key(s) {', '.join(unknown)}; ModelConfig fields: "
+                              f"{', '.join(sorted(known))}")
+        try:
+            ModelConfig.from_preset(self.preset, **self.overrides)
+        except ConfigError as e:
+            raise ConfigError(f"model (preset {self.preset!r}, overrides {self.overrides}): {e}") from None
 
 
 def build_model(spec: ModelSpec, vocab_size: int | None = None, seq_len: int | None = None,

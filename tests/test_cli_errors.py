@@ -1,0 +1,115 @@
+"""Bad input on the command line ends in one `lmforge: error:` line naming the option, file or value (exit 2),
+before anything is written; and the options that declare what a run is (special tokens, --resume) reach it."""
+
+import pytest
+import torch
+
+import lmforge
+from lmforge.cli import _build, _parser, main
+from lmforge.config import ModelConfig
+from lmforge.model import Transformer
+from lmforge.recipes.pretrain import PretrainConfig
+from lmforge.tokenizer import Tokenizer, train_tokenizer
+
+
+def fails(argv, capsys, code=2) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmforge: error: "), err
+    return err[0]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny saved model folder and a small text file."""
+    d = tmp_path_factory.mktemp("cli")
+    text = d / "c.txt"
+    text.write_text("".join(f"the cat sat on mat {i} 中文\n" for i in range(60)), encoding="utf-8")
+    tok = train_tokenizer([text], 300)
+    cfg = ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2,
+                                  n_kv_heads=1, ffn_dim=64, max_seq_len=64)
+    torch.manual_seed(0)
+    lmforge.save(Transformer(cfg), tok, d / "m")
+    return d
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("{dimm: 64}", "model.overrides: unknown key(s) dimm"),
+    ("{n_heads: 3, dim: 48}", "n_heads=3 must be a multiple of n_kv_heads=2"),
+])
+def test_a_bad_model_block_is_refused_before_the_tokenizer_and_data_are_made(tmp_path, capsys, tiny,
+                                                                              overrides, message):
+    out = tmp_path / "run"
+    err = fails(["pretrain", "--data.sources", f"[{tiny / 'c.txt'}]", "--out_dir", str(out),
+                 "--model.overrides", overrides], capsys)
+    assert message in err
+    assert not out.exists()
+
+
+def test_eval_names_the_file_and_line_of_undecodable_text_and_the_bad_batch_size(tmp_path, capsys, tiny):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'\xff\xfe{"text": "x"}\n')
+    assert f"{bad}:1: invalid UTF-8" in fails(["eval", "--model", str(tiny / "m"), "--data", str(bad)], capsys)
+    err = fails(["eval", "--model", str(tiny / "m"), "--data", str(tiny / "c.txt"), "--batch-size", "0"], capsys)
+    assert "batch_size must be >= 1, got 0" in err
+
+
+def test_a_run_stopped_by_a_non_finite_loss_is_one_line_and_status_1(monkeypatch, capsys):
+    from lmforge import cli
+    from lmforge.train.loop import NonFiniteError
+
+    def run(argv):
+        raise NonFiniteError("step 7: the loss is nan; the last checkpoint (step-5) is kept")
+
+    monkeypatch.setattr(cli, "run", run)
+    assert "step 7: the loss is nan" in fails(["pretrain"], capsys, code=1)
+
+
+def test_a_model_input_placement_mixup_is_one_line(monkeypatch, capsys, tiny):
+    """A dtype mix-up the user caused (bf16 weights, a float mask passed along) surfaces as PlacementError,
+    which the command line prints as one line."""
+    from lmforge import cli
+    from lmforge.model import PlacementError
+
+    model, _ = lmforge.load(tiny / "m")
+    model.layers[0].attn.qkv.weight.data = model.layers[0].attn.qkv.weight.data.double()
+    with pytest.raises(PlacementError, match="device/dtype mix-up"):
+        model(torch.tensor([[1, 2, 3]]))
+
+    def run(argv):
+        model(torch.tensor([[1, 2, 3]]))
+
+    monkeypatch.setattr(cli, "run", run)
+    assert "device/dtype mix-up" in fails(["generate"], capsys)
+
+
+def test_a_template_that_refuses_the_messages_is_one_line(tmp_path, capsys, tiny):
+    model, tok = lmforge.load(tiny / "m")
+    tok.chat_template = "{{ raise_exception('only user turns') }}"
+    lmforge.save(model, tok, tmp_path / "m")
+    err = fails(["generate", "--model", str(tmp_path / "m"), "--prompt", "hi", "--chat"], capsys)
+    assert err == "lmforge: error: chat template: TemplateError: only user turns"
+
+
+def test_tokenizer_train_declares_its_special_tokens(tmp_path, capsys, tiny):
+    out = tmp_path / "tk"
+    main(["tokenizer", "train", str(tiny / "c.txt"), "--vocab-size", "300", "--out", str(out),
+          "--bos", "<s>", "--add-bos", "--eos", "</s>", "--extra-tokens", "[<tool>, </tool>]"])
+    tok = Tokenizer.from_folder(out)
+    assert (tok.bos_token, tok.eos_token) == ("<s>", "</s>")
+    ids = tok.encode("the cat <tool>")
+    assert ids[0] == tok.bos_id and ids[-1] == tok.backend.token_to_id("<tool>")  # one special id, not pieces
+    assert tok.decode(ids, skip_special_tokens=True) == "the cat "
+    capsys.readouterr()
+    assert "--add-bos needs a bos token" in fails(
+        ["tokenizer", "train", str(tiny / "c.txt"), "--out", str(tmp_path / "tk2"), "--add-bos"], capsys)
+    assert not (tmp_path / "tk2").exists()
+
+
+def test_resume_flag_is_train_resume():
+    p = _parser()
+    for argv, want in ((["--resume"], True), ([], False), (["--train.resume", "true"], True)):
+        ns = p.instantiate(p.parse_args(["pretrain", "--data.sources", "[x.txt]", *argv]))
+        assert _build(PretrainConfig, ns["pretrain"]).train.resume is want
