@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from lmforge.kernels import load_half_gemv
 from lmforge.model import Transformer
 
 
@@ -229,6 +230,9 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
         stops |= {tokenizer.eos_id, *getattr(tokenizer, "stop_ids", ())} - {None}
     pad = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
     device = model.device
+    dtype = next(model.parameters(), torch.empty(0)).dtype
+    if device.type == "cpu" and B == 1 and dtype in (torch.bfloat16, torch.float16):
+        load_half_gemv((dtype,))  # lmforge's one-row kernel, where this CPU emulates half matmuls
     pads = [P - len(p) for p in prompts]
     padded = any(pads)
     ids = torch.tensor([[pad] * n + list(p) for n, p in zip(pads, prompts)], device=device)  # (B, P)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.kernels import HALF_GEMV
 from lmforge.train.losses import linear_cross_entropy
 
 
@@ -50,6 +51,8 @@ class Linear(nn.Linear):
       7 GB/s at 1 and 2 threads), so the weight is multiplied as a batch of row blocks, which spreads over
       every thread (13-15 GB/s; under torch.compile inductor turns it into its own vectorised reduction, as
       fast). bf16 keeps F.linear: oneDNN's kernel already uses every thread.
+    - one bf16/fp16 row on a CPU that emulates those matmuls, once `kernels.load_half_gemv()` built it
+      (generation does): lmforge's own matrix-vector kernel (`kernels/half_gemv.cpp`), 1.6x oneDNN's.
     - many bf16/fp16 rows (a prompt's prefill) without a backward, on a CPU that emulates those matmuls
       (`_EMULATED_HALF`): in fp32."""
 
@@ -58,6 +61,10 @@ class Linear(nn.Linear):
         if x.device.type != "cpu":
             return F.linear(x, w, self.bias)
         rows = x.numel() // max(x.shape[-1], 1)
+        if rows == 1 and HALF_GEMV.get(x.dtype, False) and w.dtype == x.dtype and w.is_contiguous() and not (
+                torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+            y = torch.ops.lmforge.half_gemv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])  # (..., out)
+            return y if self.bias is None else y + self.bias
         if rows == 1 and x.dtype == torch.float32 and w.shape[0] % _ROW_BLOCKS == 0 and w.is_contiguous():
             blocks = w.view(_ROW_BLOCKS, w.shape[0] // _ROW_BLOCKS, w.shape[1])  # (G, out / G, in)
             y = torch.bmm(blocks, x.reshape(1, -1).T.expand(_ROW_BLOCKS, -1, 1))  # (G, out / G, 1)

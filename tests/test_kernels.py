@@ -1,0 +1,89 @@
+"""lmforge's CPU kernels against torch: the same numbers up to the one rounding of the output."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmforge import kernels
+from lmforge.model import Linear
+
+pytestmark = pytest.mark.skipif(not kernels._cpu_can_run(), reason="needs an x86 CPU with AVX2")
+
+
+@pytest.fixture(scope="module")
+def built():
+    before = dict(kernels.HALF_GEMV)
+    kernels.load_half_gemv()  # builds once (~20 s) or loads from the cache
+    kernels.HALF_GEMV.clear()  # the tests switch it on themselves
+    kernels.HALF_GEMV.update(before)
+    if not hasattr(torch.ops.lmforge, "half_gemv"):
+        pytest.skip("the kernel could not be built here (see the warning)")
+
+
+def ulp_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal up to one unit in the last place of the output dtype (the sums run in another order)."""
+    eps = torch.finfo(got.dtype).eps
+    torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=eps * want.float().abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, k", [(1, 1), (7, 5), (300, 8), (257, 33), (1000, 77), (64, 576), (1536, 576)])
+def test_half_gemv_is_the_fp32_product_rounded(built, dtype, n, k):
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(k, generator=g).to(dtype)
+    y = torch.ops.lmforge.half_gemv(w, x)
+    assert y.shape == (n,) and y.dtype == dtype
+    ulp_close(y, (w.double() @ x.double()).to(dtype))  # exact sum, rounded once
+    ulp_close(y, F.linear(x[None], w)[0])  # torch's kernel
+
+
+def test_half_gemv_refuses_what_it_does_not_compute(built):
+    w = torch.randn(4, 8).bfloat16()
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        torch.ops.lmforge.half_gemv(w, torch.randn(8))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.lmforge.half_gemv(w.T, torch.randn(4).bfloat16())
+    with pytest.raises(RuntimeError, match="K = weight.size"):
+        torch.ops.lmforge.half_gemv(w, torch.randn(9).bfloat16())
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        torch.ops.lmforge.half_gemv(w.float(), torch.randn(8))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_uses_it_for_one_half_row_without_a_backward(built, monkeypatch, bias):
+    monkeypatch.setattr(kernels, "HALF_GEMV", {torch.bfloat16: True})
+    monkeypatch.setattr("lmforge.model.HALF_GEMV", kernels.HALF_GEMV)
+    torch.manual_seed(0)
+    lin = Linear(96, 40, bias=bias).bfloat16()
+    calls = []
+    real = torch.ops.lmforge.half_gemv
+
+    class Spy:
+        def __getattr__(self, name):
+            if name == "half_gemv":
+                return lambda *a: calls.append(1) or real(*a)
+            return getattr(torch.ops.lmforge, name)
+
+    monkeypatch.setattr(torch.ops, "lmforge", Spy(), raising=False)
+    x = torch.randn(1, 1, 96).bfloat16()
+    with torch.no_grad():
+        ulp_close(lin(x), F.linear(x, lin.weight, lin.bias))
+        assert len(calls) == 1 and lin(x).shape == (1, 1, 40)
+        lin(torch.randn(2, 96).bfloat16())  # two rows: the library kernel
+        Linear(96, 40, bias=bias).half()(x.half())  # a dtype not switched on
+    assert len(calls) == 2
+    y = lin(x)  # with a backward: the library kernel, and gradients flow
+    y.sum().backward()
+    assert len(calls) == 2 and lin.weight.grad is not None
+
+
+def test_a_compiled_graph_calls_it(built, monkeypatch):
+    monkeypatch.setitem(kernels.HALF_GEMV, torch.bfloat16, True)
+    torch.manual_seed(0)
+    lin = Linear(64, 48).bfloat16()
+    x = torch.randn(1, 64).bfloat16()
+    with torch.no_grad():
+        want = lin(x)
+        got = torch.compile(lin, backend="aot_eager", fullgraph=True)(x)
+    assert torch.equal(got, want)
