@@ -87,3 +87,30 @@ def test_a_compiled_graph_calls_it(built, monkeypatch):
         want = lin(x)
         got = torch.compile(lin, backend="aot_eager", fullgraph=True)(x)
     assert torch.equal(got, want)
+
+
+def test_a_kernel_that_cannot_be_built_warns_once_and_leaves_torchs(monkeypatch):
+    monkeypatch.setattr(kernels, "_tried", {})
+    monkeypatch.setattr(kernels, "HALF_GEMV", {})
+    monkeypatch.setattr(kernels, "_cpu_can_run", lambda: True)
+
+    def no_compiler(name):
+        raise RuntimeError("Error building extension 'lmforge_half_gemv'\nc++: not found")
+
+    monkeypatch.setattr(kernels, "_build", no_compiler)
+    with pytest.warns(UserWarning, match=r"half_gemv could not be built here \(RuntimeError: c\+\+: not found\)"):
+        assert kernels.load_half_gemv() is False
+    assert kernels.HALF_GEMV == {}
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call neither retries nor warns
+        assert kernels.load_half_gemv() is False
+
+
+def test_lmforge_cpu_kernels_0_skips_the_build(monkeypatch):
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
+    monkeypatch.setattr(kernels, "_tried", {})
+    monkeypatch.setattr(kernels, "HALF_GEMV", {})
+    monkeypatch.setattr(kernels, "_build", lambda name: pytest.fail("built although switched off"))
+    assert kernels.load_half_gemv() is False and kernels.HALF_GEMV == {}
