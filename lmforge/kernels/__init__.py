@@ -4,7 +4,7 @@ is cached under ~/.cache/torch_extensions, ~20 s the first time), registered as 
 compiled graph calls it like any other), and optional: where it cannot be built, or with
 LMFORGE_CPU_KERNELS=0, the model keeps the library call.
 
-- `lmforge::half_gemv(weight, x)`: one bf16/fp16 row times a weight matrix (decoding at batch 1) on an x86
+- `lmforge::half_gemv(weight, x, fp32_out=False)`: one bf16/fp16 row times a weight matrix (decoding at batch 1) on an x86
   CPU with AVX2 but without bf16/fp16 instructions: 1.6x oneDNN's kernel on the LM head of SmolLM2 measured
   on a 2-core EPYC (15.6 vs 9.3 GB/s of weights), 2-4x on the cache-sized layer matrices.
 """
@@ -61,5 +61,5 @@ def _build(name: str) -> None:
              is_python_module=False, verbose=False)
 
         @torch.library.register_fake(f"lmforge::{name}")
-        def _(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # shapes for torch.compile
-            return weight.new_empty(weight.shape[0])
+        def _(weight: torch.Tensor, x: torch.Tensor, fp32_out: bool = False) -> torch.Tensor:  # for torch.compile
+            return weight.new_empty(weight.shape[0], dtype=torch.float32 if fp32_out else weight.dtype)

@@ -4,7 +4,8 @@
 // (compute-bound), far below what the cores can read. Here each weight row is streamed once: 16 bytes of
 // bf16 -> 8 floats (a widen and a shift; fp16 via F16C), fused multiply-add into four accumulators against x
 // held as fp32, with a software prefetch 1 KiB ahead; rows are split over ATen's own thread pool. Sums are in
-// fp32 and rounded once to the output dtype (round to nearest even), as the library kernels do.
+// fp32 and rounded once to the output dtype (round to nearest even), as the library kernels do; or, with
+// fp32_out (the LM head: logits compared by argmax/softmax), not rounded at all.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -33,8 +34,8 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <typename T>
-void gemv(const T* W, const float* x, T* y, int64_t N, int64_t K) {
+template <typename T, typename Out>
+void gemv(const T* W, const float* x, Out* y, int64_t N, int64_t K) {
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* w = W + r * K;
@@ -50,34 +51,42 @@ void gemv(const T* W, const float* x, T* y, int64_t N, int64_t K) {
       for (; k + 8 <= K; k += 8) a0 = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(x + k), a0);
       float s = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
       for (; k < K; ++k) s += static_cast<float>(w[k]) * x[k];
-      y[r] = static_cast<T>(s);
+      y[r] = static_cast<Out>(s);
     }
   });
 }
 
-at::Tensor half_gemv(const at::Tensor& weight, const at::Tensor& x) {
+template <typename T>
+void run(const at::Tensor& weight, const at::Tensor& x, at::Tensor& y) {
+  const int64_t N = weight.size(0), K = weight.size(1);
+  std::vector<float> xf(K);
+  const T* xp = x.contiguous().const_data_ptr<T>();
+  for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xp[k]);
+  if (y.scalar_type() == at::kFloat) {
+    gemv(weight.const_data_ptr<T>(), xf.data(), y.mutable_data_ptr<float>(), N, K);
+  } else {
+    gemv(weight.const_data_ptr<T>(), xf.data(), y.mutable_data_ptr<T>(), N, K);
+  }
+}
+
+at::Tensor half_gemv(const at::Tensor& weight, const at::Tensor& x, bool fp32_out) {
   TORCH_CHECK(weight.device().is_cpu() && x.device().is_cpu(), "half_gemv: CPU tensors only");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "half_gemv: weight must be a contiguous (N, K) matrix");
   TORCH_CHECK(x.dim() == 1 && x.size(0) == weight.size(1), "half_gemv: x must be (K,) with K = weight.size(1)");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "half_gemv: x and weight must share a dtype");
-  const int64_t N = weight.size(0), K = weight.size(1);
-  at::Tensor y = at::empty({N}, weight.options());
-  std::vector<float> xf(K);
+  TORCH_CHECK(weight.scalar_type() == at::kBFloat16 || weight.scalar_type() == at::kHalf,
+              "half_gemv: bfloat16 or float16 only");
+  at::Tensor y = at::empty({weight.size(0)}, weight.options().dtype(fp32_out ? at::kFloat : weight.scalar_type()));
   if (weight.scalar_type() == at::kBFloat16) {
-    const c10::BFloat16* xp = x.contiguous().const_data_ptr<c10::BFloat16>();
-    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xp[k]);
-    gemv(weight.const_data_ptr<c10::BFloat16>(), xf.data(), y.mutable_data_ptr<c10::BFloat16>(), N, K);
+    run<c10::BFloat16>(weight, x, y);
   } else {
-    TORCH_CHECK(weight.scalar_type() == at::kHalf, "half_gemv: bfloat16 or float16 only");
-    const c10::Half* xp = x.contiguous().const_data_ptr<c10::Half>();
-    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(xp[k]);
-    gemv(weight.const_data_ptr<c10::Half>(), xf.data(), y.mutable_data_ptr<c10::Half>(), N, K);
+    run<c10::Half>(weight, x, y);
   }
   return y;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(lmforge, m) { m.def("half_gemv(Tensor weight, Tensor x) -> Tensor"); }
+TORCH_LIBRARY(lmforge, m) { m.def("half_gemv(Tensor weight, Tensor x, bool fp32_out=False) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) { m.impl("half_gemv", &half_gemv); }
