@@ -231,7 +231,7 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
     pad = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
     device = model.device
     dtype = next(model.parameters(), torch.empty(0)).dtype
-    if device.type == "cpu" and B == 1 and dtype in (torch.bfloat16, torch.float16):
+    if device.type == "cpu" and B <= 8 and dtype in (torch.bfloat16, torch.float16):
         load_half_gemv((dtype,))  # lmforge's one-row kernel, where this CPU emulates half matmuls
     pads = [P - len(p) for p in prompts]
     padded = any(pads)

@@ -23,6 +23,7 @@ def _hand_backward(*tensors: torch.Tensor) -> bool:
 # ---- linear layers -------------------------------------------------------------------------------
 
 _ROW_BLOCKS = 16  # row blocks of a one-row product on CPU (>= the threads it should spread over)
+_KERNEL_ROWS = 8  # up to this many bf16/fp16 rows go through lmforge's kernel where it is loaded
 _UPCAST_ROWS = 16  # from this many rows, a bf16/fp16 product on a CPU without such instructions runs in fp32
 
 
@@ -51,8 +52,9 @@ class Linear(nn.Linear):
       7 GB/s at 1 and 2 threads), so the weight is multiplied as a batch of row blocks, which spreads over
       every thread (13-15 GB/s; under torch.compile inductor turns it into its own vectorised reduction, as
       fast). bf16 keeps F.linear: oneDNN's kernel already uses every thread.
-    - one bf16/fp16 row on a CPU that emulates those matmuls, once `kernels.load_half_gemv()` built it
-      (generation does): lmforge's own matrix-vector kernel (`kernels/half_gemv.cpp`), 1.6x oneDNN's.
+    - one to eight bf16/fp16 rows on a CPU that emulates those matmuls, once `kernels.load_half_gemv()`
+      built it (generation does): lmforge's own kernel (`kernels/half_gemv.cpp`), 1.4x oneDNN's at one row,
+      3x at eight (it reads each weight row once for all rows, and sums each row alike whatever their number).
     - many bf16/fp16 rows (a prompt's prefill) without a backward, on a CPU that emulates those matmuls
       (`_EMULATED_HALF`): in fp32.
     `out_fp32` (the LM head sets it) returns fp32: logits of a half model are not rounded to its dtype where
@@ -66,9 +68,9 @@ class Linear(nn.Linear):
         if x.device.type != "cpu":
             return self._out(F.linear(x, w, self.bias))
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows == 1 and HALF_GEMV.get(x.dtype, False) and w.dtype == x.dtype and w.is_contiguous() and not (
-                torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
-            y = torch.ops.lmforge.half_gemv(w, x.reshape(-1), self.out_fp32)  # (out,)
+        if 0 < rows <= _KERNEL_ROWS and HALF_GEMV.get(x.dtype, False) and w.dtype == x.dtype and w.is_contiguous() \
+                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+            y = torch.ops.lmforge.half_gemv(w, x.reshape(rows, -1), self.out_fp32)  # (rows, out)
             y = y.view(*x.shape[:-1], w.shape[0])  # (..., out)
             return y if self.bias is None else y + self.bias
         if rows == 1 and x.dtype == torch.float32 and w.shape[0] % _ROW_BLOCKS == 0 and w.is_contiguous():
@@ -479,7 +481,8 @@ class Transformer(nn.Module):
             return self.lm_head(x)
         except RuntimeError as e:
             msg = str(e)
-            if "same device" in msg or "dtype" in msg or "scalar type" in msg:
+            if any(s in msg for s in ("same device", "same dtype", "expected scalar type", "Expected scalar type",
+                                      "to have the same dtype")):
                 raise PlacementError(f"device/dtype mix-up: {self._placement()}; inputs on {input_ids.device}, "
                                    f"mask {None if mask is None else (mask.device, mask.dtype)}. "
                                    f"Move the whole model with model.to(...). ({msg.splitlines()[0]})") from e

@@ -42,6 +42,30 @@ def test_half_gemv_is_the_fp32_product_rounded(built, dtype, n, k):
     torch.testing.assert_close(y32.double(), exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
 
 
+@pytest.mark.parametrize("m", [2, 3, 5, 8])
+@pytest.mark.parametrize("n, k", [(300, 8), (257, 33), (64, 576)])
+def test_half_gemv_of_a_few_rows_is_each_rows_product(built, m, n, k):
+    g = torch.Generator().manual_seed(m * 7 + n + k)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(m, k, generator=g).bfloat16()
+    y = torch.ops.lmforge.half_gemv(w, x)
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16
+    ulp_close(y, (x.double() @ w.double().T).to(torch.bfloat16))
+    y32 = torch.ops.lmforge.half_gemv(w, x, True)
+    torch.testing.assert_close(y32.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-4)
+    assert torch.equal(y32[1], torch.ops.lmforge.half_gemv(w, x[1], True))  # row i does not depend on the others
+
+
+def test_half_gemv_reads_a_strided_x(built):
+    """x a view with gaps (every other column, or an expanded row): copied, and the copy kept alive."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 512, generator=g).bfloat16()
+    h = torch.randn(2, 1024, generator=g).bfloat16()
+    for x in (h[0, ::2], h[:, ::2], h[:1, :512].expand(3, 512)):
+        exact = x.double() @ w.double().T
+        torch.testing.assert_close(torch.ops.lmforge.half_gemv(w, x, True).double(), exact, rtol=1e-5, atol=1e-4)
+
+
 def test_half_gemv_refuses_what_it_does_not_compute(built):
     w = torch.randn(4, 8).bfloat16()
     with pytest.raises(RuntimeError, match="share a dtype"):
@@ -50,6 +74,8 @@ def test_half_gemv_refuses_what_it_does_not_compute(built):
         torch.ops.lmforge.half_gemv(w.T, torch.randn(4).bfloat16())
     with pytest.raises(RuntimeError, match="K = weight.size"):
         torch.ops.lmforge.half_gemv(w, torch.randn(9).bfloat16())
+    with pytest.raises(RuntimeError, match=r"\(M <= 8, K\)"):
+        torch.ops.lmforge.half_gemv(w, torch.randn(9, 8).bfloat16())
     with pytest.raises(RuntimeError, match="bfloat16 or float16"):
         torch.ops.lmforge.half_gemv(w.float(), torch.randn(8))
 
@@ -73,13 +99,17 @@ def test_linear_uses_it_for_one_half_row_without_a_backward(built, monkeypatch, 
     x = torch.randn(1, 1, 96).bfloat16()
     with torch.no_grad():
         ulp_close(lin(x), F.linear(x, lin.weight, lin.bias))
-        assert len(calls) == 1 and lin(x).shape == (1, 1, 40)
-        lin(torch.randn(2, 96).bfloat16())  # two rows: the library kernel
+        assert len(calls) == 1 and lin(x).shape == (1, 1, 40) and len(calls) == 2
+        six = torch.randn(2, 3, 96).bfloat16()
+        ulp_close(lin(six), F.linear(six, lin.weight, lin.bias))
+        assert len(calls) == 3  # six rows: the kernel too
+        lin(torch.randn(9, 96).bfloat16())  # nine rows: the library kernel
+        lin(torch.randn(0, 96).bfloat16())  # no rows
         Linear(96, 40, bias=bias).half()(x.half())  # a dtype not switched on
-    assert len(calls) == 2
+    assert len(calls) == 3
     y = lin(x)  # with a backward: the library kernel, and gradients flow
     y.sum().backward()
-    assert len(calls) == 2 and lin.weight.grad is not None
+    assert len(calls) == 3 and lin.weight.grad is not None
 
 
 def test_a_compiled_graph_calls_it(built, monkeypatch):
@@ -87,10 +117,17 @@ def test_a_compiled_graph_calls_it(built, monkeypatch):
     torch.manual_seed(0)
     lin = Linear(64, 48).bfloat16()
     x = torch.randn(1, 64).bfloat16()
+    seen = []
+
+    def backend(gm, example_inputs):  # records the ops of the graph dynamo captured
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
     with torch.no_grad():
         want = lin(x)
-        got = torch.compile(lin, backend="aot_eager", fullgraph=True)(x)
+        got = torch.compile(lin, backend=backend, fullgraph=True)(x)
     assert torch.equal(got, want)
+    assert any("lmforge.half_gemv" in t for t in seen), seen
 
 
 def test_a_kernel_that_cannot_be_built_warns_once_and_leaves_torchs(monkeypatch):
