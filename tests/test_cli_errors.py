@@ -113,3 +113,29 @@ def test_resume_flag_is_train_resume():
     for argv, want in ((["--resume"], True), ([], False), (["--train.resume", "true"], True)):
         ns = p.instantiate(p.parse_args(["pretrain", "--data.sources", "[x.txt]", *argv]))
         assert _build(PretrainConfig, ns["pretrain"]).train.resume is want
+
+
+def test_an_unknown_recipe_key_is_named(tmp_path, capsys, tiny):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(f"data:\n  sources: [{tiny / 'c.txt'}]\ntrain:\n  lrr: 0.1\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--config", str(cfg), "--out_dir", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert "lrr" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_prepare_writes_shards_a_second_run_reuses(tmp_path, capsys, tiny):
+    from lmforge.data.pretrain import Manifest
+
+    argv = ["prepare", str(tiny / "c.txt"), "--tokenizer", str(tiny / "m"), "--out", str(tmp_path / "data")]
+    main(argv)
+    first = capsys.readouterr().out
+    assert "train and" in first and (tmp_path / "data" / "manifest.json").is_file()
+    m = Manifest.load(tmp_path / "data")
+    tok = Tokenizer.from_folder(tiny / "m")
+    n_docs = 60
+    assert m.tokens("train") + m.tokens("val") == sum(len(tok.encode(f"the cat sat on mat {i} 中文")) + 1
+                                                      for i in range(n_docs))  # every document + its eos
+    main(argv)  # again: same result from the finished shards
+    assert capsys.readouterr().out.splitlines()[-1] == first.splitlines()[-1]
