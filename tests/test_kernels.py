@@ -56,6 +56,12 @@ def test_half_gemv_of_a_few_rows_is_each_rows_product(built, m, n, k):
     assert torch.equal(y32[1], torch.ops.lmforge.half_gemv(w, x[1], True))  # row i does not depend on the others
 
 
+def test_half_gemv_of_empty_rows_is_zero(built):
+    y = torch.ops.lmforge.half_gemv(torch.ones(4, 0).bfloat16(), torch.ones(3, 0).bfloat16())
+    assert y.shape == (3, 4) and not y.any()
+    assert torch.ops.lmforge.half_gemv(torch.ones(0, 5).bfloat16(), torch.ones(2, 5).bfloat16()).shape == (2, 0)
+
+
 def test_half_gemv_reads_a_strided_x(built):
     """x a view with gaps (every other column, or an expanded row): copied, and the copy kept alive."""
     g = torch.Generator().manual_seed(3)

@@ -14,7 +14,6 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <vector>
 
 namespace {
@@ -83,13 +82,14 @@ void dispatch(const T* W, const float* x, Out* y, int64_t M, int64_t N, int64_t 
     case 5: return gemm_rows<T, Out, 5>(W, x, y, N, K);
     case 6: return gemm_rows<T, Out, 6>(W, x, y, N, K);
     case 7: return gemm_rows<T, Out, 7>(W, x, y, N, K);
-    default: return gemm_rows<T, Out, 8>(W, x, y, N, K);
+    case 8: return gemm_rows<T, Out, 8>(W, x, y, N, K);
+    default: TORCH_CHECK(false, "half_gemv: 1 to 8 rows, got ", M);
   }
 }
 
 template <typename T>
 void run(const at::Tensor& weight, const at::Tensor& x, at::Tensor& y) {
-  const int64_t N = weight.size(0), K = weight.size(1), M = x.numel() / std::max<int64_t>(K, 1);
+  const int64_t N = weight.size(0), K = weight.size(1), M = x.dim() == 1 ? 1 : x.size(0);  // 1 <= M <= 8
   std::vector<float> xf(M * K);
   const at::Tensor xc = x.contiguous();  // kept alive: a strided x is copied here
   const T* xp = xc.const_data_ptr<T>();
