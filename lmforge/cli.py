@@ -33,15 +33,16 @@ def _build(cls: type, ns: Any) -> Any:
 
 def _parser() -> ArgumentParser:
     from lmforge.recipes.pretrain import PretrainConfig
+    from lmforge.recipes.quickstart import State as Quickstart
 
     root = ArgumentParser(prog="lmforge", description="Train, fine-tune, align and run decoder-only language models.")
     sub = root.add_subcommands(dest="command")
 
     q = ArgumentParser(description="The whole path on an embedded corpus, on CPU, in a few minutes.")
     q.add_argument("--out", default="runs/quickstart", help="run folder")
-    q.add_argument("--steps", type=int, default=1000, help="pretraining steps")
-    q.add_argument("--sft-steps", type=int, default=300, help="fine-tuning steps")
-    q.add_argument("--align-steps", type=int, default=120, help="DPO steps")
+    q.add_argument("--steps", type=int, default=Quickstart.steps, help="pretraining steps")
+    q.add_argument("--sft-steps", type=int, default=Quickstart.sft_steps, help="fine-tuning steps")
+    q.add_argument("--align-steps", type=int, default=Quickstart.align_steps, help="DPO steps")
     q.add_argument("--device", default="auto", help="auto, cpu or cuda")
     sub.add_subcommand("quickstart", q, help="tokenizer -> pretrain -> samples -> SFT -> DPO -> chat on an embedded corpus")
 

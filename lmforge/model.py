@@ -68,22 +68,21 @@ class Linear(nn.Linear):
         if x.device.type != "cpu":
             return self._out(F.linear(x, w, self.bias))
         rows = x.numel() // max(x.shape[-1], 1)
-        if 0 < rows <= _KERNEL_ROWS and HALF_GEMV.get(x.dtype, False) and w.dtype == x.dtype and w.is_contiguous() \
-                and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        inference = not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+        same = inference and x.dtype == w.dtype  # the half paths below (which dtypes: their dicts)
+        if same and 0 < rows <= _KERNEL_ROWS and HALF_GEMV.get(x.dtype, False) and w.is_contiguous():
             y = torch.ops.lmforge.half_gemv(w, x.reshape(rows, -1), self.out_fp32)  # (rows, out)
-            y = y.view(*x.shape[:-1], w.shape[0])  # (..., out)
-            return y if self.bias is None else y + self.bias
-        if rows == 1 and x.dtype == torch.float32 and w.shape[0] % _ROW_BLOCKS == 0 and w.is_contiguous():
+        elif rows == 1 and x.dtype == torch.float32 and w.shape[0] % _ROW_BLOCKS == 0 and w.is_contiguous():
             blocks = w.view(_ROW_BLOCKS, w.shape[0] // _ROW_BLOCKS, w.shape[1])  # (G, out / G, in)
             y = torch.bmm(blocks, x.reshape(1, -1).T.expand(_ROW_BLOCKS, -1, 1))  # (G, out / G, 1)
-            y = y.view(*x.shape[:-1], w.shape[0])  # (..., out)
-            return y if self.bias is None else y + self.bias
-        if rows >= _UPCAST_ROWS and x.dtype == w.dtype and not (torch.is_grad_enabled() and (
-                x.requires_grad or w.requires_grad)) and _EMULATED_HALF.get(x.dtype, False):
+        elif same and rows >= _UPCAST_ROWS and _EMULATED_HALF.get(x.dtype, False):
             bias = None if self.bias is None else self.bias.float()
             y = F.linear(x.float(), w.float(), bias)
             return y if self.out_fp32 else y.to(x.dtype)
-        return self._out(F.linear(x, w, self.bias))
+        else:
+            return self._out(F.linear(x, w, self.bias))
+        y = y.view(*x.shape[:-1], w.shape[0])  # (..., out)
+        return y if self.bias is None else y + self.bias
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
         return y.float() if self.out_fp32 else y
@@ -481,8 +480,7 @@ class Transformer(nn.Module):
             return self.lm_head(x)
         except RuntimeError as e:
             msg = str(e)
-            if any(s in msg for s in ("same device", "same dtype", "expected scalar type", "Expected scalar type",
-                                      "to have the same dtype")):
+            if any(s in msg.lower() for s in ("same device", "same dtype", "expected scalar type")):
                 raise PlacementError(f"device/dtype mix-up: {self._placement()}; inputs on {input_ids.device}, "
                                    f"mask {None if mask is None else (mask.device, mask.dtype)}. "
                                    f"Move the whole model with model.to(...). ({msg.splitlines()[0]})") from e

@@ -11,6 +11,7 @@ import torch
 import lmforge
 from lmforge.config import hf_model_type
 from lmforge.model import sinusoidal_table
+from tests.fixtures.decoding import stepwise_logits
 
 VOCAB = 64
 
@@ -76,11 +77,7 @@ def test_no_positions_kv_cache_and_save_round_trip(tmp_path):
     ids = _ids(10)
     with torch.no_grad():
         full = none(ids)
-        none.setup_cache(2, 16)
-        steps = [none(ids[:, :6], positions=torch.arange(6))]
-        steps += [none(ids[:, t:t + 1], positions=torch.tensor([t])) for t in range(6, 10)]
-        none.clear_cache()
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stepwise_logits(none, ids, prefill=6, cache_len=16), full, atol=1e-5, rtol=1e-5)
 
     assert hf_model_type(none.config) == "lmforge"  # no transformers family computes it
     lmforge.save(none, None, tmp_path / "m")

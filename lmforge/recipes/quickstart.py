@@ -26,7 +26,7 @@ QUICKSTART_MODEL = dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=35
 class State:
     out: Path
     device: str
-    steps: int
+    steps: int = 1000  # pretraining
     sft_steps: int = 300
     align_steps: int = 120
     model_dir: Path | None = None
@@ -150,8 +150,8 @@ STAGES: list[tuple[str, Callable[[State], str]]] = [
 ]
 
 
-def run(out: str | Path = "runs/quickstart", steps: int = 1000, device: str = "auto", sft_steps: int = 300,
-        align_steps: int = 120) -> State:
+def run(out: str | Path = "runs/quickstart", steps: int = State.steps, device: str = "auto",
+        sft_steps: int = State.sft_steps, align_steps: int = State.align_steps) -> State:
     """Runs every stage in order and prints what each achieved."""
     for name, n in (("steps", steps), ("sft-steps", sft_steps), ("align-steps", align_steps)):
         if n < 1:  # checked before any stage runs, not minutes later when its stage starts

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lmforge
+from tests.fixtures.decoding import stepwise_logits
 from tests.fixtures.hf_models import FAMILIES, VOCAB, hf_model
 
 ATOL = 1e-4
@@ -80,11 +81,7 @@ def test_kv_cache_decoding_matches_full_forward(family, tmp_path):
     ids = _ids(batch=2, seq=10)
     with torch.no_grad():
         full = model(ids)
-        model.setup_cache(2, 32)
-        steps = [model(ids[:, :6], positions=torch.arange(6))]
-        steps += [model(ids[:, t:t + 1], positions=torch.tensor([t])) for t in range(6, 10)]
-        model.clear_cache()
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=ATOL, rtol=1e-4)
+    torch.testing.assert_close(stepwise_logits(model, ids, prefill=6, cache_len=32), full, atol=ATOL, rtol=1e-4)
 
 
 def test_sharded_save_loads_back(tmp_path):
