@@ -141,7 +141,7 @@ def test_a_kernel_that_cannot_be_built_warns_once_and_leaves_torchs(monkeypatch)
     monkeypatch.setattr(kernels, "HALF_GEMV", {})
     monkeypatch.setattr(kernels, "_cpu_can_run", lambda: True)
 
-    def no_compiler(name):
+    def no_compiler(*args):
         raise RuntimeError("Error building extension 'lmforge_half_gemv'\nc++: not found")
 
     monkeypatch.setattr(kernels, "_build", no_compiler)
@@ -159,7 +159,7 @@ def test_lmforge_cpu_kernels_0_skips_the_build(monkeypatch):
     monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
     monkeypatch.setattr(kernels, "_tried", {})
     monkeypatch.setattr(kernels, "HALF_GEMV", {})
-    monkeypatch.setattr(kernels, "_build", lambda name: pytest.fail("built although switched off"))
+    monkeypatch.setattr(kernels, "_build", lambda *a: pytest.fail("built although switched off"))
     assert kernels.load_half_gemv() is False and kernels.HALF_GEMV == {}
 
 
@@ -187,3 +187,229 @@ def test_bf16_logits_stay_fp32_and_decide_near_ties_as_fp32_does(built, monkeypa
     assert logits.dtype == torch.float32 and tok.decode([int(logits.argmax())]) == "The"
     reply = tok.decode(generate(model, [ids], max_new_tokens=8, tokenizer=tok)[0], skip_special_tokens=True)
     assert "Paris" in reply
+
+
+# ---- lmforge::mm / gemm_ (OpenBLAS) -----------------------------------------------------------------
+
+
+@pytest.fixture()
+def blas(monkeypatch):
+    """The OpenBLAS products switched on for this test, whatever this CPU's default."""
+    if not kernels.load_blas_mm(force=True):
+        pytest.skip("scipy-openblas32 is missing or the kernel could not be built here")
+    monkeypatch.setitem(kernels.BLAS, "on", True)
+
+
+def exact_close(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c=None, beta=0.0) -> None:
+    """Within fp32 summation error of the float64 product (a bound that grows with the inner size)."""
+    want = a.double() @ b.double() + (beta * c.double() if c is not None else 0)
+    scale = (a.double().abs() @ b.double().abs()).max().item() + 1.0
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=scale * 1e-6 * max(1, a.shape[1]) ** 0.5)
+
+
+LAYOUTS = {
+    "row-major": lambda t: t,
+    "column-major": lambda t: t.T.contiguous().T,
+    "padded rows": lambda t: torch.zeros(t.shape[0], t.shape[1] + 5)[:, :t.shape[1]].copy_(t),
+    "no unit stride": lambda t: torch.zeros(t.shape[0] * 2, t.shape[1] * 2)[::2, ::2].copy_(t),
+}
+
+
+@pytest.mark.parametrize("m, k, n", [(16, 16, 16), (17, 3, 40), (300, 200, 100), (40, 128, 700), (2048, 96, 64),
+                                     (1, 5, 300), (64, 1, 64)])
+@pytest.mark.parametrize("la", list(LAYOUTS))
+@pytest.mark.parametrize("lb", ["row-major", "column-major", "no unit stride"])
+def test_mm_is_the_product_in_every_layout(blas, m, k, n, la, lb):
+    g = torch.Generator().manual_seed(m * 7 + k * 3 + n)
+    a = LAYOUTS[la](torch.randn(m, k, generator=g))
+    b = LAYOUTS[lb](torch.randn(k, n, generator=g))
+    got = torch.ops.lmforge.mm(a, b)
+    assert got.shape == (m, n) and got.is_contiguous()
+    exact_close(got, a, b)
+    assert torch.equal(got, torch.ops.lmforge.mm(a, b))  # deterministic
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+def test_gemm_into_a_view_scales_and_adds_and_leaves_the_rest(blas, beta):
+    g = torch.Generator().manual_seed(1)
+    big = torch.randn(100, 90, generator=g)
+    before = big.clone()
+    a, b = torch.randn(40, 33, generator=g), torch.randn(33, 90, generator=g)
+    c = big[30:70]  # rows 30..69 of a row-major matrix
+    kernels.matmul(a, b, out=c, beta=beta)
+    exact_close(big[30:70], a, b, before[30:70], beta)
+    assert torch.equal(big[:30], before[:30]) and torch.equal(big[70:], before[70:])
+    if beta == 0.0:  # what was in c does not count, not even a NaN
+        c.fill_(float("nan"))
+        kernels.matmul(a, b, out=c)
+        assert not c.isnan().any()
+
+
+def test_mm_empty_and_zero_inner_size(blas):
+    assert torch.ops.lmforge.mm(torch.randn(0, 5), torch.randn(5, 30)).shape == (0, 30)
+    assert torch.ops.lmforge.mm(torch.randn(20, 5), torch.randn(5, 0)).shape == (20, 0)
+    assert torch.equal(torch.ops.lmforge.mm(torch.randn(20, 0), torch.randn(0, 30)), torch.zeros(20, 30))
+
+
+def test_mm_refuses_what_it_cannot_multiply(blas):
+    with pytest.raises(RuntimeError, match=r"b must be a 2-D fp32 CPU tensor, got Double"):
+        torch.ops.lmforge.mm(torch.randn(4, 4), torch.randn(4, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"shapes do not fit: a \[4, 3\], b \[4, 4\]"):
+        torch.ops.lmforge.mm(torch.randn(4, 3), torch.randn(4, 4))
+    with pytest.raises(RuntimeError, match=r"c must be row-major"):
+        torch.ops.lmforge.gemm_(torch.zeros(4, 4).T, torch.randn(4, 4), torch.randn(4, 4), 0.0)
+
+
+def test_matmul_keeps_torchs_product_for_other_dtypes_devices_and_thin_shapes(blas, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.ops.lmforge, "mm", lambda a, b: calls.append(1) or a @ b, raising=False)
+    for a, b in [(torch.randn(32, 8, dtype=torch.float64), torch.randn(8, 32, dtype=torch.float64)),
+                 (torch.randn(32, 8).bfloat16(), torch.randn(8, 32).bfloat16()),
+                 (torch.randn(8, 8), torch.randn(8, 32))]:  # 8 rows: a decode step's product
+        torch.testing.assert_close(kernels.matmul(a, b), a @ b)
+    assert calls == []
+    kernels.matmul(torch.randn(32, 8), torch.randn(8, 32))
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("frozen", [False, True])
+def test_linear_trains_through_openblas_with_torchs_gradients(blas, monkeypatch, bias, frozen):
+    used = []
+    real = kernels.matmul
+    monkeypatch.setattr(kernels, "matmul", lambda *a, **k: used.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    lin = Linear(48, 80, bias=bias)
+    lin.weight.requires_grad_(not frozen)  # frozen: a LoRA base layer
+    x = torch.randn(3, 20, 48, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_()
+    y = lin(x)
+    ref = F.linear(ref_x, lin.weight, lin.bias)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    gy = torch.randn_like(y)
+    y.backward(gy)
+    ref_grad_w = torch.autograd.grad(ref, [ref_x] + ([] if frozen else [lin.weight]), gy)
+    torch.testing.assert_close(x.grad, ref_grad_w[0], atol=1e-5, rtol=1e-5)
+    if not frozen:
+        torch.testing.assert_close(lin.weight.grad, ref_grad_w[1], atol=1e-4, rtol=1e-5)
+    assert len(used) == (2 if frozen else 3)  # forward, d/dx (and d/dw)
+
+
+def test_the_lm_head_loss_goes_through_openblas_and_matches_the_plain_loss(blas):
+    from lmforge.train.losses import linear_cross_entropy, next_token_loss
+
+    torch.manual_seed(0)
+    h = torch.randn(70, 32, requires_grad=True)
+    w = torch.randn(500, 32, requires_grad=True)
+    y = torch.randint(0, 500, (70,))
+    y[::7] = -100
+    loss, n = linear_cross_entropy(h, w, y, block_logits=500 * 16)  # blocks of 16 rows: the sums accumulate
+    ref, ref_n = next_token_loss((h @ w.T)[None], y[None])
+    torch.testing.assert_close(loss, ref)
+    assert int(n) == int(ref_n)
+    gh, gw = torch.autograd.grad(loss, [h, w])
+    rh, rw = torch.autograd.grad(ref, [h, w])
+    torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-4)
+
+
+def test_a_compiled_graph_calls_the_openblas_op(blas):
+    f = torch.compile(lambda a, b: torch.ops.lmforge.mm(a, b).relu(), backend="aot_eager", fullgraph=True)
+    a, b = torch.randn(32, 16), torch.randn(16, 24)
+    torch.testing.assert_close(f(a, b), (a @ b).relu(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vendor, env, want", [("AuthenticAMD", "", True), ("GenuineIntel", "", False),
+                                               ("GenuineIntel", "openblas", True), ("AuthenticAMD", "torch", False)])
+def test_who_gets_openblas(monkeypatch, vendor, env, want):
+    monkeypatch.setattr(kernels, "_cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(kernels, "_try_build", lambda *a: True)
+    monkeypatch.setitem(kernels.BLAS, "on", None)
+    monkeypatch.setenv("LMFORGE_CPU_BLAS", env)
+    pytest.importorskip("scipy_openblas32")
+    assert kernels.load_blas_mm() is want and kernels.BLAS["on"] is want
+
+
+def test_openblas_missing_or_a_bad_setting(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(kernels, "_cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setitem(kernels.BLAS, "on", None)
+    monkeypatch.setitem(sys.modules, "scipy_openblas32", None)  # import fails
+    assert kernels.load_blas_mm() is False
+    monkeypatch.setenv("LMFORGE_CPU_BLAS", "mkl")
+    with pytest.raises(ValueError, match=r"LMFORGE_CPU_BLAS='mkl': expected 'openblas' or 'torch'"):
+        kernels.load_blas_mm()
+
+
+# ---- fused element-wise kernels (SwiGLU, softmax cross-entropy) ------------------------------------
+
+
+@pytest.fixture()
+def fused():
+    if not kernels.fused_on():
+        pytest.skip("the fused kernels could not be built here")
+
+
+@pytest.mark.parametrize("n, f", [(1, 1), (3, 7), (64, 8), (37, 100), (256, 1024)])
+def test_silu_mul_and_its_backward_are_torchs(fused, n, f):
+    g = torch.Generator().manual_seed(n + f)
+    gate_up = (torch.randn(n, 2 * f, generator=g) * 4).requires_grad_()
+    gate, up = gate_up.chunk(2, -1)  # strided halves, as the model passes them
+    got = torch.ops.lmforge.silu_mul(gate, up)
+    want = F.silu(gate) * up
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    dy = torch.randn(n, f, generator=g)
+    d = torch.full((n, 2 * f), float("nan"))
+    torch.ops.lmforge.silu_mul_backward_(d, dy, gate.detach(), up.detach())
+    (want_d,) = torch.autograd.grad(want, gate_up, dy)
+    torch.testing.assert_close(d, want_d, atol=1e-5, rtol=1e-5)
+
+
+def test_swiglu_trains_through_the_fused_kernels_with_torchs_gradients(fused, monkeypatch):
+    from lmforge.config import ModelConfig
+    from lmforge.model import SwiGLU
+
+    calls = []
+    for op in ("silu_mul", "silu_mul_backward_"):
+        real = getattr(torch.ops.lmforge, op)
+        monkeypatch.setattr(torch.ops.lmforge, op, lambda *a, _r=real, _n=op: calls.append(_n) or _r(*a),
+                            raising=False)
+    torch.manual_seed(0)
+    mlp = SwiGLU(ModelConfig(vocab_size=16, dim=24, n_layers=1, n_heads=2, ffn_dim=40))
+    x = torch.randn(2, 9, 24, requires_grad=True)
+    y = mlp(x)
+    gate, up = F.linear(x, mlp.gate_up.weight).chunk(2, -1)
+    want = F.linear(F.silu(gate) * up, mlp.down.weight)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    got = torch.autograd.grad(y.square().sum(), [x, mlp.gate_up.weight])
+    ref = torch.autograd.grad(want.square().sum(), [x, mlp.gate_up.weight])
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert calls == ["silu_mul", "silu_mul_backward_"]
+
+
+def test_softmax_xent_is_the_hand_computed_loss_and_its_gradient(fused):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 1003, generator=g) * 5
+    z[2, 7] = 80.0  # a large logit: computed from the max, no overflow
+    y = torch.tensor([0, 1002, 7, -100, 500, 3])
+    work = z.clone()
+    loss = torch.ops.lmforge.softmax_xent_(work, y, -100)
+    zd = z.double()
+    for r in range(6):  # by hand: log(sum(exp(z))) - z[label]; gradient softmax - onehot
+        if y[r] == -100:
+            assert loss[r] == 0 and torch.equal(work[r], torch.zeros(1003))
+            continue
+        want = torch.logsumexp(zd[r], 0) - zd[r, y[r]]
+        assert abs(loss[r].item() - want.item()) < 1e-4 * max(1.0, abs(want.item()))
+        grad = torch.softmax(zd[r], 0)
+        grad[y[r]] -= 1
+        torch.testing.assert_close(work[r].double(), grad, atol=1e-6, rtol=1e-5)
+
+
+def test_softmax_xent_refuses_a_label_outside_the_vocabulary(fused):
+    with pytest.raises(RuntimeError, match=r"label 10 of row 1 is outside the vocabulary \[0, 10\)"):
+        torch.ops.lmforge.softmax_xent_(torch.zeros(2, 10), torch.tensor([0, 10]), -100)
+    with pytest.raises(RuntimeError, match=r"labels must be \(2,\) int64"):
+        torch.ops.lmforge.softmax_xent_(torch.zeros(2, 10), torch.tensor([0, 1], dtype=torch.int32), -100)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmforge.kernels import fused_on, matmul
+
 IGNORE = -100  # label of a position that does not count (prompt, padding)
 
 
@@ -30,24 +32,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         empty = torch.empty_like if hidden.shape[0] else torch.zeros_like  # no rows: zero gradient
         grad_w = empty(weight, dtype=torch.float32) if want_w else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        fused = hidden.device.type == "cpu" and labels.dtype == torch.long and fused_on()
         w = weight.to(hidden.dtype)  # once, not per block (a no-op when the dtypes agree)
         for s in range(0, hidden.shape[0], rows):
             h, y = hidden[s:s + rows], labels[s:s + rows]
-            z = (h @ w.T).float()  # (rows, V)
-            z.sub_(z.amax(-1, keepdim=True)).exp_()  # exp(z - max)
-            denom = z.sum(-1, keepdim=True)  # (rows, 1)
-            keep = (y != IGNORE)[:, None]  # (rows, 1)
-            y = y.clamp_min(0)[:, None]
-            total += ((denom.log() - z.gather(-1, y).log()) * keep).sum()  # log-sum-exp - z_label
-            if grad_h is None and grad_w is None:
+            z = matmul(h, w.T).float()  # (rows, V)
+            want = grad_h is not None or grad_w is not None
+            # the block's loss; z becomes its gradient (fused: one row at a time, in cache)
+            total += torch.ops.lmforge.softmax_xent_(z, y, IGNORE).sum() if fused else _block_xent_(z, y, want)
+            if not want:
                 continue
-            z.mul_(keep / denom).scatter_add_(-1, y, -keep.to(z.dtype))  # softmax - onehot, 0 where ignored
             g = z.to(hidden.dtype)
             if grad_h is not None:
-                torch.mm(g, w, out=grad_h[s:s + rows])
+                matmul(g, w, out=grad_h[s:s + rows])
             if grad_w is not None:  # the first block writes, the others add
-                gw_block = (g.T.to(torch.float32), h.to(torch.float32))
-                grad_w.addmm_(*gw_block) if s else torch.mm(*gw_block, out=grad_w)
+                matmul(g.T.to(torch.float32), h.to(torch.float32), out=grad_w, beta=1.0 if s else 0.0)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
@@ -58,6 +57,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
                 None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype),
                 None, None)
+
+
+def _block_xent_(z: torch.Tensor, y: torch.Tensor, want_grad: bool) -> torch.Tensor:
+    """Summed cross-entropy of logits z (rows, V) against labels y (rows,); with want_grad, z becomes the
+    gradient of that sum in place (softmax minus one-hot, 0 where ignored)."""
+    z.sub_(z.amax(-1, keepdim=True)).exp_()  # exp(z - max)
+    denom = z.sum(-1, keepdim=True)  # (rows, 1)
+    keep = (y != IGNORE)[:, None]  # (rows, 1)
+    y = y.clamp_min(0)[:, None]
+    total = ((denom.log() - z.gather(-1, y).log()) * keep).sum()  # log-sum-exp - z_label
+    if want_grad:
+        z.mul_(keep / denom).scatter_add_(-1, y, -keep.to(z.dtype))
+    return total
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

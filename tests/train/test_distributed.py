@@ -117,7 +117,11 @@ def two(request, single, tmp_path_factory):
     return torch.load(tmp / "result.pt", weights_only=True), tmp
 
 
-def assert_weights_close(a: dict, b: dict, atol: float = 1e-5) -> None:
+def assert_weights_close(a: dict, b: dict, atol: float = 5e-4) -> None:
+    """Weights after the run, within 5e-4 by default: processes sum the micro-batches' gradients in another
+    order ((g1 + g2) + (g3 + g4) vs ((g1 + g2) + g3) + g4), and AdamW divides each entry by its own RMS, so an
+    entry near zero turns that rounding into an update difference (measured: 1e-4 with lmforge's OpenBLAS
+    products, 2e-6 with MKL's, at lr 1e-2). One lost micro-batch of a step moves the weights by 3e-2."""
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0, msg=k)
