@@ -137,10 +137,16 @@ class RMSNorm(nn.Module):
 class _RMSNormFn(torch.autograd.Function):
     """RMSNorm with a hand-written backward, for eager mode: about half the passes over memory of the
     composite (pow, mean, rsqrt, mul, mul and their autograd), which matters on CPU. Same numbers as the
-    plain form: statistics in fp32, normalised x cast to the input dtype, then times the weight (HF LLaMA)."""
+    plain form: statistics in fp32, normalised x cast to the input dtype, then times the weight (HF LLaMA).
+    fp32 on a CPU with AVX2: one pass each way (`kernels/fused.cpp`)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
+        ctx.fused = _fused(x) and weight.dtype == torch.float32 and weight.is_contiguous()
+        if ctx.fused:  # one pass (kernels/fused.cpp); saves x and rstd, xhat is recomputed in the backward
+            y, rstd = torch.ops.lmforge.rms_norm(x.view(-1, x.shape[-1]), weight, eps)
+            ctx.save_for_backward(x, rstd, weight)
+            return y.view(x.shape)
         xf = x.float()
         rstd = torch.rsqrt(torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]) + eps)
         xhat = xf * rstd  # (..., dim) fp32
@@ -149,6 +155,11 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.fused:
+            x, rstd, weight = ctx.saved_tensors
+            D = x.shape[-1]
+            dx, dw = torch.ops.lmforge.rms_norm_backward(grad.reshape(-1, D).contiguous(), x.view(-1, D), weight, rstd)
+            return dx.view(x.shape), dw if ctx.needs_input_grad[1] else None, None
         xhat, rstd, weight = ctx.saved_tensors
         g = grad.float()
         dw = (g * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
@@ -199,8 +210,14 @@ def apply_rope(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor, interleaved: b
 
 
 def _rotate(x: torch.Tensor, C: torch.Tensor, S: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """x * C + swap(x) * S written pair member by pair member into a new tensor (no swapped copy of x)."""
+    """x * C + swap(x) * S written pair member by pair member into a new tensor (no swapped copy of x); for
+    fp32 (B, T, H, D) on a CPU with AVX2, in one pass (`kernels/fused.cpp`)."""
     r = C.shape[-1]
+    if (x.dim() == 4 and x.stride(-1) == 1 and C.dtype == S.dtype == torch.float32 and C.dim() in (3, 4)
+            and C.shape[-2] == 1 and x.device.type == "cpu" and x.dtype == torch.float32 and kernels.fused_on()):
+        B, T = x.shape[:2]
+        C3, S3 = (t.select(-2, 0).expand(B, T, r) for t in (C, S))  # (B, T, r); B's stride 0 for (T, 1, r)
+        return torch.ops.lmforge.rope(x, C3, S3, interleaved)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if r < x.shape[-1]:
         out[..., r:] = x[..., r:]

@@ -413,3 +413,53 @@ def test_softmax_xent_refuses_a_label_outside_the_vocabulary(fused):
         torch.ops.lmforge.softmax_xent_(torch.zeros(2, 10), torch.tensor([0, 10]), -100)
     with pytest.raises(RuntimeError, match=r"labels must be \(2,\) int64"):
         torch.ops.lmforge.softmax_xent_(torch.zeros(2, 10), torch.tensor([0, 1], dtype=torch.int32), -100)
+
+
+@pytest.mark.parametrize("n, d", [(1, 1), (5, 7), (64, 384), (130, 100)])
+def test_rms_norm_and_its_backward_are_torchs(fused, n, d):
+    g = torch.Generator().manual_seed(n + d)
+    x = (torch.randn(n, d, generator=g) * 3).requires_grad_()
+    w = (torch.rand(d, generator=g) + 0.5).requires_grad_()
+    y, rstd = torch.ops.lmforge.rms_norm(x.detach(), w.detach(), 1e-5)
+    want = F.rms_norm(x, (d,), w, eps=1e-5)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rstd, x.detach().square().mean(-1).add(1e-5).rsqrt())
+    gy = torch.randn(n, d, generator=g)
+    dx, dw = torch.ops.lmforge.rms_norm_backward(gy, x.detach(), w.detach(), rstd)
+    rdx, rdw = torch.autograd.grad(want, [x, w], gy)
+    torch.testing.assert_close(dx, rdx, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dw, rdw, atol=1e-4, rtol=1e-4)
+    # the weight's gradient is summed in fixed blocks of rows: the same bits on one thread as on all
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(torch.ops.lmforge.rms_norm_backward(gy, x.detach(), w.detach(), rstd)[1], dw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("interleaved, fraction, per_row", [(False, 1.0, False), (True, 0.5, False),
+                                                           (False, 0.25, True)])
+def test_rope_through_the_kernel_is_the_plain_rotation(fused, monkeypatch, interleaved, fraction, per_row):
+    from lmforge.config import ModelConfig
+    from lmforge.model import apply_rope, rope_tables
+
+    c = ModelConfig(vocab_size=16, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=32,
+                    rope_interleaved=interleaved, rope_fraction=fraction)
+    C, S = rope_tables(c)
+    pos = torch.randint(0, 100, (3, 10)) if per_row else torch.arange(10)  # (B, T) positions: left padding
+    Ct, St = C[pos][..., None, :], S[pos][..., None, :]
+    qkv = torch.randn(3, 10, 8, 16)
+    qk = qkv[:, :, :6].requires_grad_()  # a view of the fused projection, as the model passes it
+    calls = []
+    real = torch.ops.lmforge.rope
+    monkeypatch.setattr(torch.ops.lmforge, "rope", lambda *a: calls.append(1) or real(*a), raising=False)
+    y = apply_rope(qk, Ct, St, interleaved)
+    gy = torch.randn_like(y)
+    (d,) = torch.autograd.grad(y, qk, gy)
+    assert len(calls) == 2  # forward and backward
+    monkeypatch.setattr(kernels, "fused_on", lambda: False)
+    ref = apply_rope(qk, Ct, St, interleaved)
+    (rd,) = torch.autograd.grad(ref, qk, gy)
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(d, rd, atol=1e-6, rtol=1e-6)

@@ -163,7 +163,10 @@ _FAKES = {
     "half_gemv": [("half_gemv", _half_gemv_fake)],
     "fused": [("silu_mul", lambda gate, up: gate.new_empty(gate.shape)),
               ("silu_mul_backward_", lambda d, grad, gate, up: None),
-              ("softmax_xent_", lambda z, labels, ignore_index: z.new_empty(z.shape[:1]))],
+              ("softmax_xent_", lambda z, labels, ignore_index: z.new_empty(z.shape[:1])),
+              ("rope", lambda x, C, S, interleaved: x.new_empty(x.shape)),
+              ("rms_norm", lambda x, w, eps: (x.new_empty(x.shape), x.new_empty(x.shape[:1]))),
+              ("rms_norm_backward", lambda g, x, w, rstd: (x.new_empty(x.shape), w.new_empty(w.shape)))],
     "blas_mm": [("mm", lambda a, b: a.new_empty((a.shape[0], b.shape[1]))),
                 ("gemm_", lambda c, a, b, beta: None)],
 }

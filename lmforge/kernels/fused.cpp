@@ -10,10 +10,12 @@
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/sum.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 namespace {
 
@@ -142,14 +144,128 @@ at::Tensor softmax_xent_(const at::Tensor& z, const at::Tensor& labels, int64_t 
   return loss;
 }
 
+// RMSNorm of the rows of x (N, D) times weight (D,): returns (y, rstd (N,)), rstd = 1 / sqrt(mean(x^2) + eps).
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  const char* op = "lmforge::rms_norm";
+  check_rows(x, op, "x");
+  const int64_t N = x.size(0), D = x.size(1);
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
+                  weight.size(0) == D && weight.is_contiguous(),
+              op, ": weight must be (", D, ",) fp32 contiguous on CPU, got ", weight.sizes());
+  at::Tensor y = at::empty({N, D}, x.options()), rstd = at::empty({N}, x.options());
+  const float *X = x.data_ptr<float>(), *W = weight.data_ptr<float>();
+  float *Y = y.data_ptr<float>(), *R = rstd.data_ptr<float>();
+  const int64_t sx = x.stride(0);
+  for_rows(N, D, [&](int64_t r) {
+    const float* xr = X + r * sx;
+    float* yr = Y + r * D;
+    float ss = at::vec::map_reduce_all<float>([](Vec v) { return v * v; },
+                                              [](Vec& a, Vec& b) { return a + b; }, xr, D);
+    const float rs = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
+    R[r] = rs;
+    at::vec::map2([rs](Vec v, Vec w) { return v * Vec(rs) * w; }, yr, xr, W, D);
+  });
+  return {y, rstd};
+}
+
+// Its backward for the output gradient grad (N, D): dx = rstd * (gw - xhat * mean(gw * xhat)) with
+// xhat = x * rstd, gw = grad * weight; dweight = sum over rows of grad * xhat, summed in blocks of 64 rows
+// and then over the blocks in order (the same bits whatever the number of threads).
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                     const at::Tensor& weight, const at::Tensor& rstd) {
+  const char* op = "lmforge::rms_norm_backward";
+  check_rows(grad, op, "grad");
+  check_rows(x, op, "x");
+  const int64_t N = x.size(0), D = x.size(1);
+  TORCH_CHECK(grad.sizes() == x.sizes() && weight.numel() == D && weight.is_contiguous() && rstd.numel() == N &&
+                  rstd.is_contiguous(),
+              op, ": shapes do not fit: grad ", grad.sizes(), ", x ", x.sizes(), ", weight ", weight.sizes(),
+              ", rstd ", rstd.sizes());
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  at::Tensor dx = at::empty({N, D}, x.options()), partial = at::empty({std::max<int64_t>(blocks, 1), D}, x.options());
+  const float *G = grad.data_ptr<float>(), *X = x.data_ptr<float>(), *W = weight.data_ptr<float>(),
+              *R = rstd.data_ptr<float>();
+  float *DX = dx.data_ptr<float>(), *P = partial.data_ptr<float>();
+  const int64_t sg = grad.stride(0), sx = x.stride(0);
+  if (blocks == 0) std::fill(P, P + D, 0.f);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      float* pw = P + b * D;
+      std::fill(pw, pw + D, 0.f);
+      for (int64_t r = b * kBlock; r < std::min(N, (b + 1) * kBlock); ++r) {
+        const float *g = G + r * sg, *xr = X + r * sx;
+        float* d = DX + r * D;
+        const float rs = R[r];
+        // mean(gw * xhat) = rstd / D * sum(g * w * x)
+        float dot = at::vec::map3_reduce_all<float>([](Vec a, Vec b, Vec c) { return a * b * c; },
+                                                    [](Vec& a, Vec& b) { return a + b; }, g, W, xr, D);
+        const float c = rs * rs * dot / D;  // xhat * mean(gw * xhat) = x * rstd^2 * dot / D
+        at::vec::map3([rs, c](Vec gv, Vec wv, Vec xv) { return Vec(rs) * (gv * wv - xv * Vec(c)); }, d, g, W, xr, D);
+        at::vec::map3([rs](Vec acc, Vec gv, Vec xv) { return acc + gv * xv * Vec(rs); }, pw, pw, g, xr, D);
+      }
+    }
+  });
+  return {dx, partial.sum(0)};
+}
+
+// RoPE: x (B, T, H, D) with contiguous heads (any other strides: a view of the fused QKV projection), C and S
+// (B, T, r) with a unit last stride (B's stride may be 0: the same tables for every sequence). Returns a new
+// contiguous (B, T, H, D): the first r dims of each head rotated, out = x * C + swap(x) * S with swap
+// exchanging the members of each pair ((i, i + r/2), or (2i, 2i + 1) when interleaved); the rest copied.
+at::Tensor rope(const at::Tensor& x, const at::Tensor& C, const at::Tensor& S, bool interleaved) {
+  const char* op = "lmforge::rope";
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 && x.stride(3) == 1, op,
+              ": x must be a (B, T, H, D) fp32 CPU tensor with contiguous heads, got ", x.sizes(), " ", x.strides());
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3), r = C.size(-1);
+  for (const at::Tensor* t : {&C, &S})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 3 && t->size(0) == B && t->size(1) == T &&
+                    t->size(2) == r && t->stride(2) == 1,
+                op, ": C and S must be (", B, ", ", T, ", r) fp32 with a unit last stride, got ", t->sizes());
+  TORCH_CHECK(r % 2 == 0 && r <= D, op, ": the rotated size ", r, " must be even and at most the head size ", D);
+  at::Tensor out = at::empty({B, T, H, D}, x.options());
+  const float *X = x.data_ptr<float>(), *Cp = C.data_ptr<float>(), *Sp = S.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  const int64_t half = r / 2;
+  at::parallel_for(0, B * T, std::max<int64_t>(1, (1 << 12) / std::max<int64_t>(H * D, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / T, t = i % T;
+      const float *c = Cp + b * C.stride(0) + t * C.stride(1), *s = Sp + b * S.stride(0) + t * S.stride(1);
+      for (int64_t h = 0; h < H; ++h) {
+        const float* xh = X + b * x.stride(0) + t * x.stride(1) + h * x.stride(2);
+        float* oh = O + ((b * T + t) * H + h) * D;
+        if (interleaved) {
+          for (int64_t j = 0; j < r; j += 2) {
+            oh[j] = xh[j] * c[j] + xh[j + 1] * s[j];
+            oh[j + 1] = xh[j + 1] * c[j + 1] + xh[j] * s[j + 1];
+          }
+        } else {
+          for (int64_t j = 0; j < half; ++j) {
+            oh[j] = xh[j] * c[j] + xh[j + half] * s[j];
+            oh[j + half] = xh[j + half] * c[j + half] + xh[j] * s[j + half];
+          }
+        }
+        for (int64_t j = r; j < D; ++j) oh[j] = xh[j];
+      }
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY_FRAGMENT(lmforge, m) {
   m.def("silu_mul(Tensor gate, Tensor up) -> Tensor");
   m.def("silu_mul_backward_(Tensor(a!) d_gate_up, Tensor grad, Tensor gate, Tensor up) -> ()");
   m.def("softmax_xent_(Tensor(a!) z, Tensor labels, int ignore_index) -> Tensor");
+  m.def("rope(Tensor x, Tensor C, Tensor S, bool interleaved) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lmforge, CPU, m) {
   m.impl("silu_mul", silu_mul);
   m.impl("silu_mul_backward_", silu_mul_backward_);
   m.impl("softmax_xent_", softmax_xent_);
+  m.impl("rope", rope);
+  m.impl("rms_norm", rms_norm);
+  m.impl("rms_norm_backward", rms_norm_backward);
 }
