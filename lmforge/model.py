@@ -313,10 +313,32 @@ class Attention(nn.Module):
                 mask = mask.reshape(mask.shape[0], K, H // K, mask.shape[-1])  # (B|1, K, G, S)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, 1, D)  # (B, H, 1, D)
             return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, 1, dim)
+        if (mask is None and T > 1 and self.cache is None and _hand_backward(x) and q.dtype == torch.float32
+                and q.device.type == "cpu" and B * K >= torch.get_num_threads() and _blas_on()):
+            # training on CPU where OpenBLAS is chosen: lmforge's causal attention (kernels/blas_mm.cpp)
+            y = _CausalAttentionFn.apply(q, k, v, D ** -0.5)
+            return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, H * D): no copy
         # GQA: the kernels (flash on CUDA and CPU) read each shared K/V head in place for its H // K query heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            enable_gqa=K != H)
         return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, H * D) -> (B, T, dim)
+
+
+class _CausalAttentionFn(torch.autograd.Function):
+    """Causal softmax attention through `lmforge::causal_attention` and its backward (saves q, k, v, the
+    output and the log-sum-exp per row, as flash attention does)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        out, lse = torch.ops.lmforge.causal_attention(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        dq, dk, dv = torch.ops.lmforge.causal_attention_backward(grad, *ctx.saved_tensors, ctx.scale)
+        return dq, dk, dv, None
 
 
 # ---- MLPs ----------------------------------------------------------------------------------------------------

@@ -463,3 +463,47 @@ def test_rope_through_the_kernel_is_the_plain_rotation(fused, monkeypatch, inter
     (rd,) = torch.autograd.grad(ref, qk, gy)
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(d, rd, atol=1e-6, rtol=1e-6)
+
+
+# ---- causal attention (OpenBLAS) -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("b, h, kv, t, d", [(2, 4, 4, 1, 8), (2, 4, 2, 70, 16), (1, 6, 1, 130, 12), (3, 2, 2, 64, 7)])
+def test_causal_attention_and_its_backward_are_sdpas(blas, b, h, kv, t, d):
+    g = torch.Generator().manual_seed(t + d)
+    qkv = torch.randn(b, t, h + 2 * kv, d, generator=g)  # views of a fused projection, as the model passes them
+    q, k, v = (x.transpose(1, 2).requires_grad_() for x in qkv.split([h, kv, kv], 2))
+    scale = d ** -0.5
+    out, lse = torch.ops.lmforge.causal_attention(q, k, v, scale)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    scores = (q @ k.repeat_interleave(h // kv, 1).transpose(-1, -2) * scale).masked_fill(
+        torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(lse, scores.logsumexp(-1), atol=1e-5, rtol=1e-5)
+    gy = torch.randn(b, h, t, d, generator=g)
+    got = torch.ops.lmforge.causal_attention_backward(gy, q.detach(), k.detach(), v.detach(), out, lse, scale)
+    ref = torch.autograd.grad(want, [q, k, v], gy)
+    for name, a, r in zip("qkv", got, ref):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_training_attention_goes_through_the_kernel_and_matches_sdpa(blas, monkeypatch):
+    from lmforge.config import ModelConfig
+    from lmforge.model import Transformer
+
+    calls = []
+    for op in ("causal_attention", "causal_attention_backward"):
+        real = getattr(torch.ops.lmforge, op)
+        monkeypatch.setattr(torch.ops.lmforge, op, lambda *a, _r=real, _n=op: calls.append(_n) or _r(*a),
+                            raising=False)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48))
+    x = torch.randint(0, 64, (2, 40))
+    loss = model(x).square().mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert calls.count("causal_attention") == 2 and calls.count("causal_attention_backward") == 2
+    monkeypatch.setitem(kernels.BLAS, "on", False)  # torch's SDPA (and products)
+    ref = model(x).square().mean()
+    torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
+    for a, r in zip(grads, torch.autograd.grad(ref, list(model.parameters()))):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)

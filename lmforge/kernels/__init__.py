@@ -51,7 +51,8 @@ def load_half_gemv(dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.floa
 
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 # ATen's Vectorized<float> as 8-wide AVX2 (the code any AVX2 or AVX-512 CPU runs)
-_EXTRA_CFLAGS = {"fused": ("-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2")}
+_VEC_AVX2 = ("-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2")
+_EXTRA_CFLAGS = {"fused": _VEC_AVX2, "blas_mm": _VEC_AVX2}
 
 
 def _build(name: str, ldflags: tuple[str, ...] = (), versions: str = "") -> bool:
@@ -158,6 +159,15 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, be
     return out.addmm_(a, b, beta=beta) if beta else torch.mm(a, b, out=out)
 
 
+def _attention_fake(q, k, v, scale):
+    B, H, T, D = q.shape
+    return q.new_empty((B, T, H, D)).permute(0, 2, 1, 3), q.new_empty((B, H, T))
+
+
+def _attention_backward_fake(grad, q, k, v, out, lse, scale):
+    return tuple(t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).permute(0, 2, 1, 3) for t in (q, k, v))
+
+
 # each library's ops and their shape functions (for torch.compile), registered once it is loaded
 _FAKES = {
     "half_gemv": [("half_gemv", _half_gemv_fake)],
@@ -168,5 +178,7 @@ _FAKES = {
               ("rms_norm", lambda x, w, eps: (x.new_empty(x.shape), x.new_empty(x.shape[:1]))),
               ("rms_norm_backward", lambda g, x, w, rstd: (x.new_empty(x.shape), w.new_empty(w.shape)))],
     "blas_mm": [("mm", lambda a, b: a.new_empty((a.shape[0], b.shape[1]))),
-                ("gemm_", lambda c, a, b, beta: None)],
+                ("gemm_", lambda c, a, b, beta: None),
+                ("causal_attention", _attention_fake),
+                ("causal_attention_backward", _attention_backward_fake)],
 }
