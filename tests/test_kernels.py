@@ -507,3 +507,28 @@ def test_training_attention_goes_through_the_kernel_and_matches_sdpa(blas, monke
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
     for a, r in zip(grads, torch.autograd.grad(ref, list(model.parameters()))):
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-4)
+
+
+def test_prebuild_compiles_each_missing_kernel_in_its_own_process_at_once(monkeypatch, tmp_path):
+    started, waited = [], []
+
+    class FakeProcess:
+        def __init__(self, args, **kw):
+            started.append(args[-1])
+
+        def wait(self):
+            waited.append(1)
+
+    monkeypatch.setattr(kernels.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(kernels, "_tried", {})
+    monkeypatch.setattr(kernels, "_wants_blas", lambda: True)
+    monkeypatch.setattr(kernels, "_build_args", lambda name: ((), ""))
+    built = {"fused": False, "blas_mm": True}  # blas_mm is in the cache already
+    monkeypatch.setattr(kernels, "_library", lambda name, *a: ("x", [], tmp_path / ("yes" if built[name] else "no")))
+    (tmp_path / "yes").touch()
+    assert len(kernels.prebuild()) == 1 and started == ["fused"] and waited == [1]
+    started.clear()
+    monkeypatch.setattr(kernels, "_wants_blas", lambda: False)
+    built["blas_mm"] = False
+    kernels.prebuild(wait=False)
+    assert started == ["fused"] and waited == [1]  # not waited for; blas_mm not wanted on this CPU

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmforge import kernels
 from lmforge.data.demo import write_corpus
 from lmforge.recipes.common import ModelSpec
 from lmforge.recipes.pretrain import PretrainConfig, PretrainData
@@ -158,6 +159,8 @@ def run(out: str | Path = "runs/quickstart", steps: int = State.steps, device: s
             raise ValueError(f"quickstart --{name} must be >= 1, got {n}")
     s = State(Path(out), device, steps, sft_steps, align_steps)
     s.out.mkdir(parents=True, exist_ok=True)
+    if s.device != "cuda":
+        kernels.prebuild(wait=False)  # first run: the CPU kernels compile while the corpus and tokenizer are made
     for name, stage in STAGES:
         print(f"\n== {name} ==")
         t = time.perf_counter()

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from lmforge import kernels
 from lmforge.train.optim import build_optimizer, lr_factor
 from lmforge.utils import autocast
 
@@ -222,6 +223,8 @@ def fit(
     if dist is not None:
         model = dist.wrap(model)
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        kernels.prebuild()  # the CPU kernels not built yet, all at once (first use only)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None,
                  "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.precision]
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
