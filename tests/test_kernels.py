@@ -521,14 +521,17 @@ def test_prebuild_compiles_each_missing_kernel_in_its_own_process_at_once(monkey
 
     monkeypatch.setattr(kernels.subprocess, "Popen", FakeProcess)
     monkeypatch.setattr(kernels, "_tried", {})
+    monkeypatch.setattr(kernels, "_building", {})
     monkeypatch.setattr(kernels, "_wants_blas", lambda: True)
     monkeypatch.setattr(kernels, "_build_args", lambda name: ((), ""))
     built = {"fused": False, "blas_mm": True}  # blas_mm is in the cache already
     monkeypatch.setattr(kernels, "_library", lambda name, *a: ("x", [], tmp_path / ("yes" if built[name] else "no")))
     (tmp_path / "yes").touch()
     assert len(kernels.prebuild()) == 1 and started == ["fused"] and waited == [1]
+    assert len(kernels.prebuild()) == 1 and started == ["fused"] and waited == [1, 1]  # waits, starts none
     started.clear()
+    monkeypatch.setattr(kernels, "_building", {})
     monkeypatch.setattr(kernels, "_wants_blas", lambda: False)
     built["blas_mm"] = False
     kernels.prebuild(wait=False)
-    assert started == ["fused"] and waited == [1]  # not waited for; blas_mm not wanted on this CPU
+    assert started == ["fused"] and waited == [1, 1]  # not waited for; blas_mm not wanted on this CPU

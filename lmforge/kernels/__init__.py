@@ -83,7 +83,7 @@ def _build(name: str, ldflags: tuple[str, ...] = (), versions: str = "") -> bool
     if hasattr(torch.ops.lmforge, _FAKES[name][0][0]):
         return False
     ext, cflags, built = _library(name, ldflags, versions)
-    if not built.exists():
+    if not built.exists() and name not in _building:  # (a prebuild process says so itself)
         print(f"lmforge: building the CPU kernel {name} (once, ~20 s; cached for later runs)", file=sys.stderr,
               flush=True)
     load(name=ext, sources=[str(Path(__file__).with_name(f"{name}.cpp"))], extra_cflags=cflags,
@@ -115,11 +115,18 @@ def prebuild(wait: bool = True) -> list[subprocess.Popen]:
     procs = []
     for name in ["fused"] + (["blas_mm"] if _wants_blas() else []):
         args = _build_args(name)
-        if name not in _tried and args is not None and not _library(name, *args)[2].exists():
-            procs.append(subprocess.Popen([sys.executable, "-m", "lmforge.kernels", name], stdout=subprocess.DEVNULL))
+        if name in _building:  # started by an earlier call
+            procs.append(_building[name])
+        elif name not in _tried and args is not None and not _library(name, *args)[2].exists():
+            _building[name] = subprocess.Popen([sys.executable, "-m", "lmforge.kernels", name],
+                                               stdout=subprocess.DEVNULL)
+            procs.append(_building[name])
     for p in procs if wait else ():
         p.wait()
     return procs
+
+
+_building: dict[str, subprocess.Popen] = {}  # kernel -> the process compiling it (prebuild)
 
 
 def _try_build(name: str, *build_args: str | tuple[str, ...]) -> bool:
