@@ -76,7 +76,7 @@ class Linear(nn.Linear):
         elif rows == 1 and x.dtype == torch.float32 and w.shape[0] % _ROW_BLOCKS == 0 and w.is_contiguous():
             blocks = w.view(_ROW_BLOCKS, w.shape[0] // _ROW_BLOCKS, w.shape[1])  # (G, out / G, in)
             y = torch.bmm(blocks, x.reshape(1, -1).T.expand(_ROW_BLOCKS, -1, 1))  # (G, out / G, 1)
-        elif (x.dtype == w.dtype == torch.float32 and rows >= _UPCAST_ROWS and _blas_on()
+        elif (x.dtype == w.dtype == torch.float32 and rows >= _UPCAST_ROWS and kernels.blas_on()
               and not torch.compiler.is_compiling()):
             y = _BlasLinearFn.apply(x.reshape(rows, -1), w)  # (rows, out)
         elif same and rows >= _UPCAST_ROWS and _EMULATED_HALF.get(x.dtype, False):
@@ -90,12 +90,6 @@ class Linear(nn.Linear):
 
     def _out(self, y: torch.Tensor) -> torch.Tensor:
         return y.float() if self.out_fp32 else y
-
-
-def _blas_on() -> bool:
-    if kernels.BLAS["on"] is None:
-        kernels.load_blas_mm()
-    return bool(kernels.BLAS["on"])
 
 
 class _BlasLinearFn(torch.autograd.Function):
@@ -314,7 +308,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).view(B, H, 1, D)  # (B, H, 1, D)
             return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, 1, dim)
         if (mask is None and T > 1 and self.cache is None and _hand_backward(x) and q.dtype == torch.float32
-                and q.device.type == "cpu" and B * K >= torch.get_num_threads() and _blas_on()):
+                and q.device.type == "cpu" and B * K >= torch.get_num_threads() and kernels.blas_on()):
             # training on CPU where OpenBLAS is chosen: lmforge's causal attention (kernels/blas_mm.cpp)
             y = _CausalAttentionFn.apply(q, k, v, D ** -0.5)
             return self.out(y.transpose(1, 2).reshape(B, T, H * D))  # (B, T, H * D): no copy

@@ -20,6 +20,16 @@ def built():
         pytest.skip("the kernel could not be built here (see the warning)")
 
 
+def spy(monkeypatch, *ops: str) -> list[str]:
+    """Wraps each torch.ops.lmforge op so that its calls are listed (by name) in the returned list."""
+    calls: list[str] = []
+    for op in ops:
+        real = getattr(torch.ops.lmforge, op)
+        monkeypatch.setattr(torch.ops.lmforge, op, lambda *a, _r=real, _n=op: calls.append(_n) or _r(*a),
+                            raising=False)
+    return calls
+
+
 def ulp_close(got: torch.Tensor, want: torch.Tensor) -> None:
     """Equal up to one unit in the last place of the output dtype (the sums run in another order)."""
     eps = torch.finfo(got.dtype).eps
@@ -370,11 +380,7 @@ def test_swiglu_trains_through_the_fused_kernels_with_torchs_gradients(fused, mo
     from lmforge.config import ModelConfig
     from lmforge.model import SwiGLU
 
-    calls = []
-    for op in ("silu_mul", "silu_mul_backward_"):
-        real = getattr(torch.ops.lmforge, op)
-        monkeypatch.setattr(torch.ops.lmforge, op, lambda *a, _r=real, _n=op: calls.append(_n) or _r(*a),
-                            raising=False)
+    calls = spy(monkeypatch, "silu_mul", "silu_mul_backward_")
     torch.manual_seed(0)
     mlp = SwiGLU(ModelConfig(vocab_size=16, dim=24, n_layers=1, n_heads=2, ffn_dim=40))
     x = torch.randn(2, 9, 24, requires_grad=True)
@@ -451,9 +457,7 @@ def test_rope_through_the_kernel_is_the_plain_rotation(fused, monkeypatch, inter
     Ct, St = C[pos][..., None, :], S[pos][..., None, :]
     qkv = torch.randn(3, 10, 8, 16)
     qk = qkv[:, :, :6].requires_grad_()  # a view of the fused projection, as the model passes it
-    calls = []
-    real = torch.ops.lmforge.rope
-    monkeypatch.setattr(torch.ops.lmforge, "rope", lambda *a: calls.append(1) or real(*a), raising=False)
+    calls = spy(monkeypatch, "rope")
     y = apply_rope(qk, Ct, St, interleaved)
     gy = torch.randn_like(y)
     (d,) = torch.autograd.grad(y, qk, gy)
@@ -491,11 +495,7 @@ def test_training_attention_goes_through_the_kernel_and_matches_sdpa(blas, monke
     from lmforge.config import ModelConfig
     from lmforge.model import Transformer
 
-    calls = []
-    for op in ("causal_attention", "causal_attention_backward"):
-        real = getattr(torch.ops.lmforge, op)
-        monkeypatch.setattr(torch.ops.lmforge, op, lambda *a, _r=real, _n=op: calls.append(_n) or _r(*a),
-                            raising=False)
+    calls = spy(monkeypatch, "causal_attention", "causal_attention_backward")
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48))
     x = torch.randint(0, 64, (2, 40))

@@ -153,6 +153,8 @@ def _half_gemv_fake(weight: torch.Tensor, x: torch.Tensor, fp32_out: bool = Fals
 def fused_on() -> bool:
     """Whether the fused element-wise training kernels (`fused.cpp`: SwiGLU forward and backward, softmax
     cross-entropy of a block of logits) are loaded; builds them on the first call on an AVX2 CPU."""
+    if "fused" in _tried:  # decided (read on every training forward: no re-check)
+        return _tried["fused"]
     return _cpu_can_run() and _try_build("fused")
 
 
@@ -193,12 +195,17 @@ def _wants_blas() -> bool:
                                     and _cpu_vendor() not in ("", "GenuineIntel"))
 
 
+def blas_on() -> bool:
+    """Whether fp32 products go through OpenBLAS here (decided, and built, on the first call)."""
+    if BLAS["on"] is None:
+        load_blas_mm()
+    return bool(BLAS["on"])
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, beta: float = 0.0) -> torch.Tensor:
     """a @ b for 2-D tensors, into `out` (times beta, plus) when given: lmforge::gemm_ for fp32 CPU products
     of at least 16 rows and columns where `load_blas_mm` turned it on, torch's otherwise."""
-    if BLAS["on"] is None:
-        load_blas_mm()
-    if (BLAS["on"] and a.dtype == b.dtype == torch.float32 and a.device.type == "cpu" and b.device.type == "cpu"
+    if (blas_on() and a.dtype == b.dtype == torch.float32 and a.device.type == "cpu" and b.device.type == "cpu"
             and min(a.shape[0], b.shape[1]) >= _BLAS_MIN and (out is None or out.stride(-1) == 1)):
         if out is None:
             return torch.ops.lmforge.mm(a, b)
