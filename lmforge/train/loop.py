@@ -308,59 +308,55 @@ def fit(
         if dist is not None:
             n_total = dist.all_reduce_sum(n_total)
         n_total = max(n_total, 1.0)
-        sums: dict[str, float] = {}
-        loss_sum = 0.0
+        # the step's loss, metrics and gradient norm stay on the device until its end: one host sync per step
+        # (a sync per micro-batch would leave a GPU idle while the host queues each backward)
+        loss_sum: torch.Tensor | float = 0.0
+        sums: dict[str, Any] = {}
         for i, batch in enumerate(micro):
             with autocast(device, amp_dtype), (dist.no_sync(model, i < len(micro) - 1) if dist else _null()):
                 loss, metrics = step_loss(model, batch)
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    if cfg.skip_nonfinite:
-                        break
-                    raise NonFiniteError(f"step {step + 1}: loss is {loss_value} (not finite); stopping without "
-                                         "writing a checkpoint. Lower train.lr, or set train.skip_nonfinite")
                 # DDP and FSDP average gradients over processes; x world turns that into the global sum
                 (loss * world / n_total).backward()
-            loss_sum += loss_value
+            loss_sum = loss_sum + loss.detach().double()  # float64: as exact as summing Python floats
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + (v.detach().double() if isinstance(v, torch.Tensor) else v)
             tokens_since += int(batch.get("tokens", batch["n"]))
-        else:
-            # the global norm, also over FSDP's sharded gradients (DTensors)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else
-                              torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-            if math.isfinite(grad_norm):
-                optimizer.step()
-            elif not cfg.skip_nonfinite:
-                raise NonFiniteError(f"step {step + 1}: gradient norm is {float(grad_norm)}; stopping without writing "
-                                     "a checkpoint. Lower train.lr, or set train.skip_nonfinite")
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            if dist is not None:
-                loss_sum = dist.all_reduce_sum(loss_sum)
-                sums = {k: dist.all_reduce_sum(v) for k, v in sums.items()}
-            loss_mean = loss_sum / n_total
-            losses.append(loss_mean)
-            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-                now = time.perf_counter()
-                tps = tokens_since * world / max(now - t_last, 1e-9)
-                t_last, tokens_since = now, 0
-                lr = schedule.get_last_lr()[0]
-                log({"step": step + 1, "loss": loss_mean, "lr": lr, "grad_norm": float(grad_norm),
-                     "tokens_per_s": tps, **{k: v / n_total for k, v in sums.items()}})
-                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-            bar.update(1)
-            done = step + 1 == end
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
-                last_eval = run_eval(step + 1)
-            if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done:
-                checkpoint(step + 1)
-            continue
-        # a skipped non-finite micro-batch
+        # the global norm, also over FSDP's sharded gradients (DTensors)
+        norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else
+                torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+        loss_sum, grad_norm, *values = _to_host([loss_sum, norm, *sums.values()])
+        sums = dict(zip(sums, values))
+        if dist is not None:  # every process then takes the same decision below
+            loss_sum = dist.all_reduce_sum(loss_sum)
+            sums = {k: dist.all_reduce_sum(v) for k, v in sums.items()}
+        problem = (f"loss is {loss_sum} (not finite)" if not math.isfinite(loss_sum) else
+                   f"gradient norm is {grad_norm}" if not math.isfinite(grad_norm) else None)
+        if problem is not None and not cfg.skip_nonfinite:
+            raise NonFiniteError(f"step {step + 1}: {problem}; stopping without writing a checkpoint. Lower "
+                                 "train.lr, or set train.skip_nonfinite")
+        if problem is None:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        log({"step": step + 1, "skipped_nonfinite": 1})
         bar.update(1)
+        if problem is not None:
+            log({"step": step + 1, "skipped_nonfinite": 1})
+            continue
+        loss_mean = loss_sum / n_total
+        losses.append(loss_mean)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+            now = time.perf_counter()
+            tps = tokens_since * world / max(now - t_last, 1e-9)
+            t_last, tokens_since = now, 0
+            lr = schedule.get_last_lr()[0]
+            log({"step": step + 1, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm,
+                 "tokens_per_s": tps, **{k: v / n_total for k, v in sums.items()}})
+            bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+        done = step + 1 == end
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
+            last_eval = run_eval(step + 1)
+        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done:
+            checkpoint(step + 1)
     bar.close()
     last_eval = run_eval(end) if evaluate is not None else last_eval
     if writer is not None:
@@ -368,6 +364,18 @@ def fit(
     if metrics_file is not None:
         metrics_file.close()
     return FitResult(end, losses, last_eval, run_dir)
+
+
+def _to_host(values: list[Any]) -> list[float]:
+    """Python floats of numbers and one-element tensors, the tensors copied to the host together (one sync)."""
+    at = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+    out = [float(v) if i not in at else 0.0 for i, v in enumerate(values)]
+    if at:
+        full = [values[i].full_tensor() if hasattr(values[i], "full_tensor") else values[i] for i in at]  # DTensor
+        host = torch.stack([v.detach().reshape(()).to(torch.float64) for v in full]).tolist()
+        for i, v in zip(at, host):
+            out[i] = v
+    return out
 
 
 class _null:
