@@ -75,11 +75,14 @@ def _parser() -> ArgumentParser:
     pr.add_argument("--skip-bad-lines", action="store_true", help="count and skip bad lines instead of stopping")
     sub.add_subcommand("prepare", pr, help="tokenize a corpus into token shards")
 
-    cv = ArgumentParser(description="Convert any checkpoint lmforge reads into a Hugging Face folder.")
+    cv = ArgumentParser(description="Convert any checkpoint lmforge reads into a Hugging Face folder, or into a "
+                                    "GGUF file that llama.cpp runs (a destination ending in .gguf).")
     cv.add_argument("src", help="HF folder, lmforge folder or .gguf file")
-    cv.add_argument("dst", help="output folder")
+    cv.add_argument("dst", help="output folder, or a .gguf file")
     cv.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
-    sub.add_subcommand("convert", cv, help="convert a checkpoint (e.g. GGUF -> HF safetensors)")
+    cv.add_argument("--outtype", default=None,
+                    help="for a .gguf destination: f32, f16, bf16 or q8_0 (default f16), as llama.cpp's converter")
+    sub.add_subcommand("convert", cv, help="convert a checkpoint (GGUF <-> HF safetensors)")
 
     g = ArgumentParser(description="Generate a continuation of a prompt.")
     _model_args(g)
@@ -195,8 +198,24 @@ def run(argv: list[str] | None = None) -> None:
     elif cmd == "convert":
         from lmforge.checkpoint import load, save
 
-        model, tokenizer = load(a.src, device="cpu", dtype=a.dtype)
-        save(model, tokenizer, a.dst)
+        to_gguf = a.dst.endswith(".gguf")
+        if a.outtype is not None and not to_gguf:
+            raise ValueError(f"--outtype {a.outtype} is for a .gguf destination; {a.dst} is a folder (use --dtype)")
+        if to_gguf and a.dtype is not None:
+            raise ValueError("--dtype is for a folder destination; a .gguf one takes --outtype (f32, f16, bf16, q8_0)")
+        if to_gguf:
+            from lmforge.checkpoint.gguf import OUTTYPES, write_gguf
+
+            outtype = a.outtype or "f16"
+            if outtype not in OUTTYPES:  # before the (slow) load
+                raise ValueError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+        model, tokenizer = load(a.src, device="cpu", dtype=None if to_gguf else a.dtype)
+        if to_gguf:
+            if tokenizer is None:
+                raise ValueError(f"{a.src}: no tokenizer.json; a GGUF file holds the tokenizer too")
+            write_gguf(model, tokenizer, a.dst, outtype)
+        else:
+            save(model, tokenizer, a.dst)
         print(f"wrote {a.dst} ({model.num_params():,} parameters)")
     elif cmd == "generate":
         from lmforge.generate import generate, stream

@@ -1,4 +1,5 @@
-"""Read a llama-architecture GGUF file (llama.cpp's format) as what a Hugging Face llama folder holds.
+"""Read a llama-architecture GGUF file (llama.cpp's format) as what a Hugging Face llama folder holds, and write
+one from an lmforge model and tokenizer (`write_gguf`).
 
 A GGUF keeps the config and the tokenizer as metadata and the weights as (often quantized) blocks.
 Parsing and dequantizing are the `gguf` package's (`GGUFReader`, `gguf.quants.dequantize`); this file
@@ -8,15 +9,28 @@ and the tokenizer rebuilt with `tokenizers`. Nothing is unpickled: GGUF holds no
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, ReaderField, ReaderTensor
-from gguf.quants import dequantize
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGML_QUANT_VERSION,
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFWriter,
+    LlamaFileType,
+    ReaderField,
+    ReaderTensor,
+)
+from gguf.quants import dequantize, quantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from lmforge.checkpoint.errors import CheckpointError
@@ -291,23 +305,10 @@ def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, Any]]:
     if pre not in _PRE_TOKENIZERS:
         raise CheckpointError(f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported; "
                               f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}")
-    style = _PRE_TOKENIZERS[pre]
     tokens: list[str] = meta.get("tokenizer.ggml.tokens", list)
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", list)]
+    merges = meta.get("tokenizer.ggml.merges", list)
     types: list[int] = meta.get("tokenizer.ggml.token_type", list, [])
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tokenizer = Tokenizer(models.BPE(vocab, merges, ignore_merges=style.get("ignore_merges", False)))
-    steps = [pre_tokenizers.Digits(individual_digits=True)] if style.get("digits") else []
-    if "split" in style:
-        steps.append(pre_tokenizers.Split(Regex(style["split"]), behavior="isolated"))
-    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex="split" not in style))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
-    tokenizer.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|>…) and user-defined ones are matched whole in raw text, as llama.cpp does.
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t, k in zip(tokens, types) if k == _CONTROL])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
-                          for t, k in zip(tokens, types) if k == _USER_DEFINED])
+    tokenizer = _backend(tokens, merges, types, pre)
 
     config: dict[str, Any] = {}
     for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
@@ -326,6 +327,26 @@ def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, Any]]:
     return tokenizer, config
 
 
+def _backend(tokens: list[str], merges: list[str], types: list[int], pre: str) -> Tokenizer:
+    """The `tokenizers` byte-level BPE that llama.cpp's reading of these `tokenizer.ggml.*` values amounts to."""
+    style = _PRE_TOKENIZERS[pre]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    tokenizer = Tokenizer(models.BPE(vocab, pairs, ignore_merges=style.get("ignore_merges", False)))
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if style.get("digits") else []
+    if "split" in style:
+        steps.append(pre_tokenizers.Split(Regex(style["split"]), behavior="isolated"))
+    steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex="split" not in style))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tokenizer.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_start|>…) and user-defined ones are matched whole in raw text, as llama.cpp does.
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, k in zip(tokens, types) if k == _CONTROL])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, k in zip(tokens, types) if k == _USER_DEFINED])
+    return tokenizer
+
+
 def _post_processor(config: dict[str, Any], tokenizer: Tokenizer) -> processors.PostProcessor | None:
     """Add bos/eos around each sequence where the file asks for it (`add_special_tokens=True` in encode)."""
     head = [config["bos_token"]] if config["add_bos_token"] and config["bos_token"] else []
@@ -336,3 +357,172 @@ def _post_processor(config: dict[str, Any], tokenizer: Tokenizer) -> processors.
     specials = {t: tokenizer.token_to_id(t) for t in head + tail}
     return processors.TemplateProcessing(single=[*head, "$A", *tail], pair=pair,
                                          special_tokens=list(specials.items()))
+
+
+# ---- writing -----------------------------------------------------------------------------------------------
+
+# outtype -> (ggml type of the matrices, general.file_type), the choices of llama.cpp's convert_hf_to_gguf.py
+OUTTYPES = {"f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
+            "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
+            "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
+            "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0)}
+_NORMAL, _UNUSED = 1, 5
+_GGUF_FROM_LLAMA = {hf: g for g, hf in _LLAMA_FROM_GGUF.items()}
+# one `tokenizer.ggml.pre` per distinct way of splitting text in _PRE_TOKENIZERS, tried in this order
+_PRE_CANDIDATES = ("gpt2", "smollm", "llama-bpe", "qwen2")
+_PROBES = [  # texts on which the splitting styles differ: digit runs, contractions, letters after symbols, spaces
+    "Hello world! It's 2024-01-31; they'll pay $1234567.89 for 3 apples.\r\n\n  ok",
+    "def add(a, b):\n    return a + b  # sum\n\n\tprint(add(1, 2))   ",
+    "I'VE SEEN 42x42 (x²=y) ... 'quoted' don't DON'T ,,,word!!!tail",
+    "你好，世界！今天天气很好。12月31日 ١٢٣ emoji: 🤗🙂👍🏽",
+    "a\u00a0b\u2003c  \n\n\n   d\t\te",
+]
+
+
+def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: str | None = None) -> Path:
+    """Write `model` (a llama-architecture lmforge Transformer) and its byte-level BPE `tokenizer` as one GGUF
+    file that llama.cpp runs, as llama.cpp's own converter lays it out: llama.* metadata, the vocabulary,
+    merges, token types, special ids and chat template, Q/K rows in llama.cpp's interleaved order, norms in
+    F32 and the matrices in `outtype` (f32, f16, bf16, q8_0; a matrix whose rows do not split into q8_0
+    blocks stays f16). Atomic: the file appears complete or not at all."""
+    from lmforge.checkpoint.hf import to_hf
+    from lmforge.config import hf_model_type
+
+    if outtype not in OUTTYPES:
+        raise ValueError(f"GGUF outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    c = model.config
+    family = hf_model_type(c)
+    if family != "llama":
+        raise ValueError(f"GGUF export writes llama-architecture files (RMSNorm, full half-split RoPE, SwiGLU, no "
+                         f"biases, no sliding window); this model is {family!r}")
+    if tokenizer is None:
+        raise ValueError("a GGUF file holds the tokenizer too: this model has none")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; the GGUF destination is a file")
+    tokens, types, merges, pre = _vocabulary(tokenizer, c.vocab_size)
+    qtype, file_type = OUTTYPES[outtype]
+    state = to_hf({k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}, "llama", c)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        w = GGUFWriter(str(tmp), "llama")
+        w.add_type("model")
+        w.add_name(name or path.stem)
+        w.add_file_type(file_type)
+        w.add_quantization_version(GGML_QUANT_VERSION)
+        w.add_vocab_size(c.vocab_size)
+        w.add_context_length(c.max_seq_len)
+        w.add_embedding_length(c.dim)
+        w.add_block_count(c.n_layers)
+        w.add_feed_forward_length(c.ffn_dim)
+        w.add_head_count(c.n_heads)
+        w.add_head_count_kv(c.n_kv_heads)
+        if c.head_dim * c.n_heads != c.dim:
+            w.add_key_length(c.head_dim)
+            w.add_value_length(c.head_dim)
+        w.add_rope_dimension_count(c.head_dim)
+        w.add_rope_freq_base(c.rope_theta)
+        w.add_layer_norm_rms_eps(c.norm_eps)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        for key, token_id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id),
+                              ("unk", tokenizer.unk_id if tokenizer.unk_token else None),
+                              ("pad", tokenizer.pad_id if tokenizer.pad_token else None)):
+            if token_id is not None:
+                getattr(w, f"add_{key}_token_id")(token_id)
+        w.add_add_bos_token(bool(tokenizer.add_bos))
+        w.add_add_eos_token(False)
+        w.add_add_space_prefix(False)
+        if tokenizer.chat_template:
+            w.add_chat_template(tokenizer.chat_template)
+        for hf_name, t in state.items():
+            w.add_tensor(*_gguf_tensor(hf_name, t, c, qtype))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _gguf_tensor(hf_name: str, t: torch.Tensor, c, qtype: GGMLQuantizationType) -> tuple[str, np.ndarray, None,
+                                                                                          GGMLQuantizationType]:
+    """(GGUF name, data, raw shape, ggml type) of one HF-named fp32 tensor."""
+    template = re.sub(r"\.\d+\.", ".{i}.", hf_name)
+    layer = re.search(r"\.(\d+)\.", hf_name)
+    g = _GGUF_FROM_LLAMA[template].format(i=layer.group(1) if layer else 0)
+    a = t.numpy()
+    if g.endswith(("attn_q.weight", "attn_k.weight")):  # HF half-split rows -> llama.cpp's interleaved pairs
+        heads = c.n_heads if g.endswith("attn_q.weight") else c.n_kv_heads
+        a = a.reshape(heads, 2, a.shape[0] // heads // 2, a.shape[1]).swapaxes(1, 2).reshape(a.shape)
+    if a.ndim == 1:  # norms stay F32, as llama.cpp's converter keeps them
+        return g, np.ascontiguousarray(a, dtype=np.float32), None, GGMLQuantizationType.F32
+    block = GGML_QUANT_SIZES[qtype][0]
+    kind = qtype if a.shape[-1] % block == 0 else GGMLQuantizationType.F16
+    return g, quantize(np.ascontiguousarray(a), kind), None, kind
+
+
+def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str], str]:
+    """tokens, token types, merges and `tokenizer.ggml.pre` of an lmforge Tokenizer, padded to vocab_size with
+    unused [PADn] entries (as llama.cpp's converter pads); the pre-tokenizer is the one whose llama.cpp splitting
+    encodes the probe texts exactly as this tokenizer does."""
+    backend = tokenizer.backend
+    spec = json.loads(backend.to_str())
+    decoder, model = spec.get("decoder") or {}, spec.get("model") or {}
+    if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
+        raise ValueError(f"GGUF export needs a byte-level BPE tokenizer (tokenizer.ggml.model 'gpt2'); this one is "
+                         f"{model.get('type')} with a {decoder.get('type')} decoder")
+    vocab = backend.get_vocab(with_added_tokens=True)
+    n = len(vocab)
+    if sorted(vocab.values()) != list(range(n)):
+        raise ValueError("GGUF export needs token ids 0..n-1 without gaps; this tokenizer's ids have gaps")
+    if n > vocab_size:
+        raise ValueError(f"the tokenizer has {n} tokens but the model's embedding only {vocab_size} rows")
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    added = backend.get_added_tokens_decoder()
+    types = [(_CONTROL if added[i].special else _USER_DEFINED) if i in added else _NORMAL for i in range(n)]
+    tokens += [f"[PAD{i}]" for i in range(n, vocab_size)]
+    types += [_UNUSED] * (vocab_size - n)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if any(len(m.split(" ")) != 2 for m in merges):
+        raise ValueError("a BPE merge contains a space, which GGUF's 'left right' merge strings cannot hold")
+    want = _splitting(spec)
+    for pre in _PRE_CANDIDATES:
+        candidate = _backend(tokens, merges, types, pre)
+        if _splitting(json.loads(candidate.to_str())) == want:
+            probes = [backend.encode(t, add_special_tokens=False).ids for t in _PROBES]
+            if [candidate.encode(t, add_special_tokens=False).ids for t in _PROBES] != probes:
+                raise ValueError(f"the tokenizer splits text as llama.cpp's {pre!r} does, yet encodes differently "
+                                 "(added tokens?); llama.cpp would tokenize differently")
+            return tokens, types, merges, pre
+    raise ValueError(f"the tokenizer splits text ({want}) in a way none of llama.cpp's pre-tokenizers known to "
+                     f"lmforge ({', '.join(_PRE_CANDIDATES)}) does; llama.cpp would tokenize differently")
+
+
+def _splitting(spec: dict[str, Any]) -> list[tuple[Any, ...]]:
+    """How a tokenizer.json splits text before BPE, as comparable steps (fields that change no id left out)."""
+    pre = spec.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    out: list[tuple[Any, ...]] = []
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Digits":
+            out.append((kind, step.get("individual_digits")))
+        elif kind == "ByteLevel":
+            out.append((kind, step.get("add_prefix_space"), step.get("use_regex", True)))
+        elif kind == "Split":
+            pattern = step.get("pattern") or {}
+            out.append((kind, pattern.get("Regex", pattern.get("String")), step.get("behavior"), step.get("invert")))
+        else:
+            out.append((kind, json.dumps(step, sort_keys=True)))
+    return [*out, ("ignore_merges", bool((spec.get("model") or {}).get("ignore_merges")))]

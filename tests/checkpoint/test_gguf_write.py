@@ -1,0 +1,173 @@
+"""write_gguf / `lmforge convert X model.gguf`: a model trained here runs in llama.cpp. Checked by reading the
+file back with lmforge and with transformers' own GGUF loader (same logits, same tokens), by the tensor types
+each outtype gives, and on SmolLM2: the written file's llama.* and tokenizer.ggml.* metadata and its tensor
+names and shapes equal those of the file llama.cpp's converter made."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGUFReader
+
+import lmforge
+from lmforge.checkpoint import gguf as gguf_module
+from lmforge.checkpoint.gguf import write_gguf
+from lmforge.cli import main, run
+from lmforge.generate import generate
+from lmforge.tokenizer import SpecialTokens, train_tokenizer
+from tests.test_gguf import SMOLLM2, TEXTS, needs_smollm2
+
+CORPUS = ["The cat sat on the mat; it's 12:30 and 2024 was long.", "你好，世界！Ünïcödé and emoji 🤗.",
+          "def f(x):\n    return x * 2  # twice\n", "A dog ran in the park with 3 friends."] * 4
+PROBES = [*TEXTS, "the cat 1234 sat", "<|im_start|>user\nhi<|im_end|>\n"]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """A tiny llama (GQA; ffn 80: its down projection's rows of 80 split into no q8_0 blocks) and lmforge's own
+    tokenizer (digits split one by one, ChatML template, bos added); the embedding has 7 rows more than tokens."""
+    tok = train_tokenizer([], 300, documents=CORPUS, special_tokens=SpecialTokens(bos="<s>"), add_bos=True)
+    torch.manual_seed(0)
+    config = lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size + 7, ffn_dim=80, max_seq_len=64,
+                                             rope_theta=50000.0, norm_eps=1e-6, init_std=0.2)
+    return lmforge.Transformer(config).eval(), tok
+
+
+def _ids(model) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(1))
+
+
+def test_f32_round_trip_is_exact(pair, tmp_path: Path) -> None:
+    model, tok = pair
+    path = write_gguf(model, tok, tmp_path / "tiny.gguf", "f32")
+    back, tok2 = lmforge.load(path, device="cpu")
+    assert back.config.vocab_size == model.config.vocab_size and back.config.rope_theta == 50000.0
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids(model)), model(_ids(model)), atol=0, rtol=0)
+    for text in PROBES:
+        assert tok2.encode(text) == tok.encode(text), text
+        assert tok2.decode(tok2.encode(text)) == tok.decode(tok.encode(text))
+    assert (tok2.bos_token, tok2.eos_token, tok2.pad_token, tok2.add_bos) == (tok.bos_token, tok.eos_token,
+                                                                             tok.pad_token, True)
+    assert tok2.chat_template == tok.chat_template
+    fields = {k: f.contents() for k, f in GGUFReader(path).fields.items()}
+    assert fields["tokenizer.ggml.pre"] == "smollm"  # llama.cpp's digit-splitting GPT-2 regex, as lmforge trains
+    assert fields["tokenizer.ggml.tokens"][-7:] == [f"[PAD{i}]" for i in range(tok.vocab_size, tok.vocab_size + 7)]
+    assert fields["tokenizer.ggml.token_type"][-8:] == [1] + [5] * 7  # a normal token, then unused padding
+    assert fields["tokenizer.ggml.token_type"][tok.eos_id] == 3  # control: matched whole, never split
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_transformers_reads_the_file_alike(pair, tmp_path: Path) -> None:
+    """transformers' GGUF loader (its own dequantizer, Q/K un-permute and tokenizer conversion)."""
+    tf = pytest.importorskip("transformers")
+    model, tok = pair
+    path = write_gguf(model, tok, tmp_path / "tiny.gguf", "f32")
+    ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ref(_ids(model)).logits, model(_ids(model)), atol=1e-4, rtol=1e-4)
+    hf_tok = tf.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    # transformers' converter adds an <|endoftext|> token of its own to a GPT-2-style vocabulary lacking one
+    for text in [t for t in PROBES if "<|endoftext|>" not in t]:
+        assert hf_tok.encode(text, add_special_tokens=False) == tok.encode(text, add_bos=False), text
+
+
+# relative error of the logits: each weight rounds by ~0.05% (f16), ~0.2% (bf16), ~0.5% (q8_0: 32-value blocks
+# sharing one scale); the tiny model's large weights (std 0.2) amplify that about 7x through its layers
+@pytest.mark.parametrize("outtype, matrix, rel", [("f16", "F16", 5e-3), ("bf16", "BF16", 3e-2), ("q8_0", "Q8_0", 8e-2)])
+def test_outtypes(pair, tmp_path: Path, outtype: str, matrix: str, rel: float) -> None:
+    model, tok = pair
+    path = write_gguf(model, tok, tmp_path / "tiny.gguf", outtype)
+    types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
+    assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"  # norms stay F32
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == types["output.weight"] == matrix
+    # rows of 80 (ffn_down) hold no whole number of 32-value q8_0 blocks: f16 there, as llama.cpp's converter does
+    assert types["blk.0.ffn_down.weight"] == ("F16" if outtype == "q8_0" else matrix)
+    back, _ = lmforge.load(path, device="cpu")
+    with torch.no_grad():
+        expected, got = model(_ids(model)), back(_ids(model))
+    error = float((got - expected).norm() / expected.norm())
+    assert 0 < error < rel  # rounded (a real conversion happened), and no more than the type's rounding
+
+
+def test_tied_embeddings_write_no_output_tensor(tmp_path: Path) -> None:
+    tok = train_tokenizer([], 280, documents=CORPUS)
+    config = lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size, tie_embeddings=True)
+    model = lmforge.Transformer(config).eval()
+    path = write_gguf(model, tok, tmp_path / "tied.gguf", "f32")
+    assert "output.weight" not in {t.name for t in GGUFReader(path).tensors}
+    back, _ = lmforge.load(path, device="cpu")
+    assert back.config.tie_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids(model)), model(_ids(model)), atol=0, rtol=0)
+
+
+def test_refusals_name_the_problem(pair, tmp_path: Path) -> None:
+    model, tok = pair
+    gpt2 = lmforge.Transformer(lmforge.ModelConfig.from_preset("tiny-gpt2", vocab_size=tok.vocab_size))
+    with pytest.raises(ValueError, match="llama-architecture.*this model is 'gpt2'"):
+        write_gguf(gpt2, tok, tmp_path / "x.gguf")
+    with pytest.raises(ValueError, match="outtype 'q4_k' is not one of f32, f16, bf16, q8_0"):
+        write_gguf(model, tok, tmp_path / "x.gguf", "q4_k")
+    with pytest.raises(ValueError, match="holds the tokenizer too"):
+        write_gguf(model, None, tmp_path / "x.gguf")
+    (tmp_path / "dir.gguf").mkdir()
+    with pytest.raises(ValueError, match="dir.gguf: is a folder"):
+        write_gguf(model, tok, tmp_path / "dir.gguf")
+    small = lmforge.Transformer(lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size - 1))
+    with pytest.raises(ValueError, match=f"{tok.vocab_size} tokens but the model's embedding only"):
+        write_gguf(small, tok, tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("x.gguf*")) and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_a_failed_write_keeps_the_file_there(pair, tmp_path: Path, monkeypatch) -> None:
+    model, tok = pair
+    path = write_gguf(model, tok, tmp_path / "m.gguf", "f32")
+    before = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(gguf_module, "quantize", broken)
+    with pytest.raises(OSError, match="disk full"):
+        write_gguf(model, tok, path, "f16")
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_cli_convert_to_gguf_and_its_errors(pair, tmp_path: Path, capsys) -> None:
+    model, tok = pair
+    folder = lmforge.save(model, tok, tmp_path / "model")
+    run(["convert", str(folder), str(tmp_path / "m.gguf"), "--outtype", "q8_0"])
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'm.gguf'} (")
+    assert {t.tensor_type.name for t in GGUFReader(tmp_path / "m.gguf").tensors} == {"F32", "F16", "Q8_0"}
+    for argv, message in (
+        (["convert", str(folder), str(tmp_path / "out"), "--outtype", "q8_0"], "--outtype q8_0 is for a .gguf"),
+        (["convert", str(folder), str(tmp_path / "o.gguf"), "--dtype", "float16"], "--dtype is for a folder"),
+        (["convert", str(folder), str(tmp_path / "o.gguf"), "--outtype", "q4"], "--outtype 'q4' is not one of"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.gguf").exists() and not (tmp_path / "out").exists()
+
+
+@needs_smollm2
+def test_smollm2_written_like_llama_cpp_writes_it(tmp_path: Path) -> None:
+    """GGUF -> lmforge -> GGUF: every llama.* and tokenizer.ggml.* value (vocabulary, merges, token types, the
+    'smollm' pre-tokenizer, special ids, chat template) and every tensor name and shape equal the original's."""
+    path = tmp_path / "smollm2.q8_0.gguf"
+    run(["convert", str(SMOLLM2), str(path), "--outtype", "q8_0"])
+    original, ours = GGUFReader(SMOLLM2), GGUFReader(path)
+    want = {k: f.contents() for k, f in original.fields.items() if k.split(".")[0] in ("llama", "tokenizer")}
+    got = {k: f.contents() for k, f in ours.fields.items() if k.split(".")[0] in ("llama", "tokenizer")}
+    assert {k: v for k, v in got.items() if k != "tokenizer.ggml.add_eos_token"} == want
+    assert {t.name: list(t.shape) for t in ours.tensors} == {t.name: list(t.shape) for t in original.tensors}
+    assert ours.fields["general.file_type"].contents() == 7  # MOSTLY_Q8_0
+    model, tok = lmforge.load(path, device="cpu")
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True)
+    reply = tok.decode(generate(model, [ids], 12, tokenizer=tok)[0])
+    assert "Paris" in reply
