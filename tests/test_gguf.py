@@ -332,8 +332,9 @@ BAD_FILES = {
     "mistyped metadata": (_writer_case(llama__block_count="two"),
                           "'llama.block_count' should be of type int"),
     "architecture": (_writer_case(arch="qwen2"), "architecture 'qwen2' is not supported; only 'llama'"),
-    "sentencepiece": (_writer_case(tokenizer__ggml__model="llama"),
-                      "tokenizer model 'llama' ('llama' is sentencepiece) is not supported"),
+    "sentencepiece without scores": (_writer_case(tokenizer__ggml__model="llama"),
+                                     "missing required metadata key 'tokenizer.ggml.scores'"),
+    "unigram tokenizer": (_writer_case(tokenizer__ggml__model="t5"), "tokenizer model 't5' is not supported"),
     "unknown pre-tokenizer": (_writer_case(tokenizer__ggml__pre="mystery"), "tokenizer.ggml.pre 'mystery'"),
     "bos outside vocab": (_writer_case(tokenizer__ggml__bos_token_id=10**6), "outside the vocabulary"),
 }

@@ -297,18 +297,24 @@ def _unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 def _tokenizer(meta: _Metadata) -> tuple[Tokenizer, dict[str, Any]]:
     """The byte-level BPE tokenizer described by `tokenizer.ggml.*`, and its tokenizer_config.json dict."""
     kind = meta.get("tokenizer.ggml.model", str)
-    if kind != "gpt2":
-        what = " ('llama' is sentencepiece)" if kind == "llama" else ""
-        raise CheckpointError(f"{meta.path}: tokenizer model {kind!r}{what} is not supported; only 'gpt2' "
-                              "(byte-level BPE) is")
-    pre = meta.get("tokenizer.ggml.pre", str, "default")
-    if pre not in _PRE_TOKENIZERS:
-        raise CheckpointError(f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported; "
-                              f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}")
+    if kind not in ("gpt2", "llama"):
+        raise CheckpointError(f"{meta.path}: tokenizer model {kind!r} is not supported; 'gpt2' (byte-level BPE) "
+                              "and 'llama' (SentencePiece BPE) are")
     tokens: list[str] = meta.get("tokenizer.ggml.tokens", list)
-    merges = meta.get("tokenizer.ggml.merges", list)
     types: list[int] = meta.get("tokenizer.ggml.token_type", list, [])
-    tokenizer = _backend(tokens, merges, types, pre)
+    if kind == "llama":
+        scores = meta.get("tokenizer.ggml.scores", list)
+        if len(scores) != len(tokens):
+            raise CheckpointError(f"{meta.path}: tokenizer.ggml.scores has {len(scores)} entries for "
+                                  f"{len(tokens)} tokens")
+        tokenizer = _sentencepiece_backend(tokens, scores, types,
+                                           meta.get("tokenizer.ggml.add_space_prefix", bool, True))
+    else:
+        pre = meta.get("tokenizer.ggml.pre", str, "default")
+        if pre not in _PRE_TOKENIZERS:
+            raise CheckpointError(f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported; "
+                                  f"supported: {', '.join(sorted(_PRE_TOKENIZERS))}")
+        tokenizer = _backend(tokens, meta.get("tokenizer.ggml.merges", list), types, pre)
 
     config: dict[str, Any] = {}
     for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
@@ -339,7 +345,33 @@ def _backend(tokens: list[str], merges: list[str], types: list[int], pre: str) -
     steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex="split" not in style))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tokenizer.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|>…) and user-defined ones are matched whole in raw text, as llama.cpp does.
+    return _add_tokens(tokenizer, tokens, types)
+
+
+def _sentencepiece_backend(tokens: list[str], scores: list[float], types: list[int],
+                           add_space_prefix: bool) -> Tokenizer:
+    """llama.cpp's 'llama' vocabulary (LLaMA 1/2, Mistral, TinyLlama…) as a `tokenizers` BPE: spaces are
+    "▁", a space is put before the text, characters missing from the vocabulary fall back to <0xNN> byte
+    tokens, and pieces merge best-score first (the merges are read off the vocabulary: a piece is the merge
+    of two shorter pieces, ranked by its score, as transformers rebuilds them)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = []
+    for piece, score in zip(tokens, scores):
+        found = sorted(((piece[:k], piece[k:]) for k in range(1, len(piece))
+                        if piece[:k] in vocab and piece[k:] in vocab), key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges += [(left, right, score) for left, right in found]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable: ties keep vocabulary order
+    tokenizer = Tokenizer(models.BPE(vocab, [(a, b) for a, b, _ in merges], fuse_unk=True, byte_fallback=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if add_space_prefix else "never", split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
+    return _add_tokens(tokenizer, tokens, types)
+
+
+def _add_tokens(tokenizer: Tokenizer, tokens: list[str], types: list[int]) -> Tokenizer:
+    """Control tokens (<|im_start|>, <s>…) and user-defined ones are matched whole in raw text, as llama.cpp
+    does."""
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t, k in zip(tokens, types) if k == _CONTROL])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import pytest
 import torch
 from gguf import GGUFReader
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 import lmforge
 from lmforge.checkpoint import gguf as gguf_module
 from lmforge.checkpoint.gguf import write_gguf
+from lmforge.checkpoint.hf import to_hf
 from lmforge.cli import main, run
 from lmforge.generate import generate
 from lmforge.tokenizer import SpecialTokens, train_tokenizer
@@ -171,3 +174,77 @@ def test_smollm2_written_like_llama_cpp_writes_it(tmp_path: Path) -> None:
                                   add_generation_prompt=True, tokenize=True)
     reply = tok.decode(generate(model, [ids], 12, tokenizer=tok)[0])
     assert "Paris" in reply
+
+
+# ---- reading: LLaMA-2-style SentencePiece vocabularies ('llama' tokenizer model) ------------------------------
+
+
+def _sentencepiece_gguf(path: Path, add_space_prefix: bool = True) -> tuple[Path, lmforge.Transformer]:
+    """A GGUF laid out like a LLaMA-2 file: <unk> <s> </s>, the 256 <0xNN> byte tokens, then pieces with their
+    BPE scores (minus the merge rank), and a tiny random llama of that vocabulary."""
+    trainer_tok = Tokenizer(models.BPE())
+    trainer_tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    trainer_tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, show_progress=False))
+    vocab = trainer_tok.get_vocab()
+    pieces = sorted(vocab, key=vocab.__getitem__)
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    torch.manual_seed(0)
+    model = lmforge.Transformer(lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=len(tokens))).eval()
+    c = model.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in {"llama.block_count": c.n_layers, "llama.context_length": c.max_seq_len,
+                       "llama.embedding_length": c.dim, "llama.feed_forward_length": c.ffn_dim,
+                       "llama.attention.head_count": c.n_heads, "llama.attention.head_count_kv": c.n_kv_heads,
+                       "llama.attention.layer_norm_rms_epsilon": c.norm_eps, "llama.rope.freq_base": c.rope_theta,
+                       "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
+                       "tokenizer.ggml.scores": scores, "tokenizer.ggml.token_type": types,
+                       "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+                       "tokenizer.ggml.unknown_token_id": 0, "tokenizer.ggml.add_bos_token": True,
+                       "tokenizer.ggml.add_space_prefix": add_space_prefix}.items():
+        w.add_key_value(key, value, gguf.GGUFValueType.get_type(value) if key != "tokenizer.ggml.scores"
+                        else gguf.GGUFValueType.ARRAY, sub_type=gguf.GGUFValueType.FLOAT32
+                        if key == "tokenizer.ggml.scores" else None)
+    state = to_hf({k: v.detach() for k, v in model.state_dict().items()}, "llama", c)
+    for name, t in state.items():
+        w.add_tensor(*gguf_module._gguf_tensor(name, t, c, gguf.GGMLQuantizationType.F32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path, model
+
+
+SPM_TEXTS = ["The cat sat on the mat.", " leading space and  double  spaces", "12:30 in 2024\nnew line\ttab",
+             "你好，世界 🤗 — ünïcode falls back to bytes", "a</s>b <s> c", "dog"]
+
+
+def test_sentencepiece_vocabulary_reads_like_transformers(tmp_path: Path) -> None:
+    tf = pytest.importorskip("transformers")
+    path, model = _sentencepiece_gguf(tmp_path / "spm.gguf")
+    loaded, tok = lmforge.load(path, device="cpu")
+    ref = tf.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in SPM_TEXTS:
+        assert tok.encode(text) == ref.encode(text), text  # bos first: add_bos_token
+        assert tok.decode(tok.encode(text), skip_special_tokens=True) == ref.decode(ref.encode(text),
+                                                                                   skip_special_tokens=True)
+    assert tok.encode("dog")[0] == 1 and tok.backend.id_to_token(tok.encode("dog")[1]).startswith("\u2581")
+    assert [tok.backend.id_to_token(i) for i in tok.encode("龍", add_bos=False)][1:] == ["<0xE9>", "<0xBE>", "<0x8D>"]
+    assert tok.decode(tok.encode("a 龍 b", add_bos=False)) == "a 龍 b"  # byte fallback, decoded back
+    assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.add_bos) == ("<s>", "</s>", "<unk>", True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_ids(model)), model(_ids(model)), atol=0, rtol=0)
+    new = generate(loaded, [tok.encode("The cat")], 5, tokenizer=tok)[0]
+    assert len(new) <= 5 and tok.decode(new) == tok.decode(new)
+
+
+def test_sentencepiece_without_space_prefix(tmp_path: Path) -> None:
+    """tokenizer.ggml.add_space_prefix = false: llama.cpp puts no space before the text (transformers' GGUF
+    loader ignores the key, so it is not the reference here)."""
+    path, _ = _sentencepiece_gguf(tmp_path / "spm.gguf", add_space_prefix=False)
+    _, tok = lmforge.load(path, device="cpu")
+    pieces = [tok.backend.id_to_token(i) for i in tok.encode("dog cat", add_bos=False)]
+    assert not pieces[0].startswith("\u2581") and any(p.startswith("\u2581") for p in pieces[1:])
+    assert tok.decode(tok.encode("dog cat", add_bos=False)) == "dog cat"
+    assert tok.decode(tok.encode(" dog", add_bos=False)) == " dog"
