@@ -331,7 +331,7 @@ BAD_FILES = {
                          "missing required metadata key 'llama.block_count'"),
     "mistyped metadata": (_writer_case(llama__block_count="two"),
                           "'llama.block_count' should be of type int"),
-    "architecture": (_writer_case(arch="qwen2"), "architecture 'qwen2' is not supported; only 'llama'"),
+    "architecture": (_writer_case(arch="gemma"), "architecture 'gemma' is not supported; only 'llama' and 'qwen2'"),
     "sentencepiece without scores": (_writer_case(tokenizer__ggml__model="llama"),
                                      "missing required metadata key 'tokenizer.ggml.scores'"),
     "unigram tokenizer": (_writer_case(tokenizer__ggml__model="t5"), "tokenizer model 't5' is not supported"),

@@ -1,5 +1,5 @@
-"""Read a llama-architecture GGUF file (llama.cpp's format) as what a Hugging Face llama folder holds, and write
-one from an lmforge model and tokenizer (`write_gguf`).
+"""Read a llama- or qwen2-architecture GGUF file (llama.cpp's format) as what a Hugging Face folder holds, and
+write one from an lmforge model and tokenizer (`write_gguf`).
 
 A GGUF keeps the config and the tokenizer as metadata and the weights as (often quantized) blocks.
 Parsing and dequantizing are the `gguf` package's (`GGUFReader`, `gguf.quants.dequantize`); this file
@@ -55,6 +55,15 @@ _LLAMA_FROM_GGUF = {
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
 
+_QKV_BIAS_FROM_GGUF = {  # qwen2's
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+}
+# general.architecture -> the transformers class. llama.cpp runs llama with interleaved RoPE pairs, so its
+# converter reorders llama's Q/K rows; qwen2 runs with half-split pairs (NEOX), so its rows stay as HF has them.
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
 # `tokenizer.ggml.pre` -> how llama.cpp splits text before byte-level BPE (llama-vocab.cpp), as
 # `tokenizers` pieces: `split` is a regex applied first, `digits` puts every digit in its own piece
 # (llama.cpp's leading "\p{N}" rule), neither means GPT-2's regex. `ignore_merges`: a piece that is
@@ -90,7 +99,7 @@ class GGUFContents:
 
 
 def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> GGUFContents:
-    """Read a llama GGUF file: config, dequantized HF-named tensors in `dtype`, tokenizer.
+    """Read a llama or qwen2 GGUF file: config, dequantized HF-named tensors in `dtype`, tokenizer.
 
     Every problem with the file is a `CheckpointError` that names it (and the tensor or key)."""
     if not dtype.is_floating_point:
@@ -190,43 +199,44 @@ class _Metadata:
 
 
 def _hf_config(meta: _Metadata) -> dict[str, Any]:
-    """The HF `LlamaConfig` dict the `llama.*` metadata describes."""
+    """The HF config dict (`LlamaConfig` or `Qwen2Config`) the `llama.*` / `qwen2.*` metadata describes."""
     arch = meta.get("general.architecture", str)
-    if arch != "llama":
-        raise CheckpointError(f"{meta.path}: architecture {arch!r} is not supported; only 'llama' is")
-    if meta.get("llama.expert_count", int, 0):
-        raise CheckpointError(f"{meta.path}: mixture-of-experts llama (llama.expert_count) is not supported")
-    hidden, n_heads = meta.positive("llama.embedding_length"), meta.positive("llama.attention.head_count")
-    n_kv_heads = meta.positive("llama.attention.head_count_kv", n_heads)
-    head_dim = meta.positive("llama.attention.key_length", hidden // n_heads or 1)
-    rope_dims = meta.get("llama.rope.dimension_count", int, head_dim)
+    if arch not in _ARCHITECTURES:
+        raise CheckpointError(f"{meta.path}: architecture {arch!r} is not supported; only "
+                              f"{' and '.join(map(repr, _ARCHITECTURES))} are")
+    if meta.get(f"{arch}.expert_count", int, 0):
+        raise CheckpointError(f"{meta.path}: mixture-of-experts {arch} ({arch}.expert_count) is not supported")
+    hidden, n_heads = meta.positive(f"{arch}.embedding_length"), meta.positive(f"{arch}.attention.head_count")
+    n_kv_heads = meta.positive(f"{arch}.attention.head_count_kv", n_heads)
+    head_dim = meta.positive(f"{arch}.attention.key_length", hidden // n_heads or 1)
+    rope_dims = meta.get(f"{arch}.rope.dimension_count", int, head_dim)
     if n_heads % n_kv_heads or head_dim % 2 or rope_dims != head_dim:
         raise CheckpointError(f"{meta.path}: unsupported attention shape: {n_heads} heads, {n_kv_heads} kv "
                               f"heads, head_dim {head_dim}, RoPE over {rope_dims} of its dims")
     tokens = meta.get("tokenizer.ggml.tokens", list)
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": meta.positive("llama.vocab_size", len(tokens) or 1),
+        "architectures": [_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": meta.positive(f"{arch}.vocab_size", len(tokens) or 1),
         "hidden_size": hidden,
-        "intermediate_size": meta.positive("llama.feed_forward_length"),
-        "num_hidden_layers": meta.positive("llama.block_count"),
+        "intermediate_size": meta.positive(f"{arch}.feed_forward_length"),
+        "num_hidden_layers": meta.positive(f"{arch}.block_count"),
         "num_attention_heads": n_heads,
         "num_key_value_heads": n_kv_heads,
         "head_dim": head_dim,
-        "rms_norm_eps": meta.get("llama.attention.layer_norm_rms_epsilon", float),
-        "rope_theta": meta.get("llama.rope.freq_base", float, 10000.0),
-        "max_position_embeddings": meta.positive("llama.context_length"),
+        "rms_norm_eps": meta.get(f"{arch}.attention.layer_norm_rms_epsilon", float),
+        "rope_theta": meta.get(f"{arch}.rope.freq_base", float, 10000.0),
+        "max_position_embeddings": meta.positive(f"{arch}.context_length"),
         "tie_word_embeddings": "output.weight" not in {t.name for t in meta.reader.tensors},
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id", int, None),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id", int, None),
         "hidden_act": "silu",
-        "attention_bias": False,
+        "attention_bias": arch == "qwen2",
         "mlp_bias": False,
     }
-    scaling = meta.get("llama.rope.scaling.type", str, "none")
+    scaling = meta.get(f"{arch}.rope.scaling.type", str, "none")
     if scaling == "linear":
-        factor = meta.get("llama.rope.scaling.factor", float)
+        factor = meta.get(f"{arch}.rope.scaling.factor", float)
         config["rope_scaling"] = {"rope_type": "linear", "factor": factor}
     elif scaling != "none":
         raise CheckpointError(f"{meta.path}: rope scaling {scaling!r} is not supported (only none, linear)")
@@ -239,7 +249,11 @@ def _expected(c: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...]]]:
     q, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
     shapes = dict(zip(_LLAMA_FROM_GGUF, [(v, h), (h,), (v, h), (h,), (q, h), (kv, h), (kv, h), (h, q), (h,),
                                          (ffn, h), (ffn, h), (h, ffn)]))
-    return {g.format(i=i): (hf.format(i=i), shapes[g]) for g, hf in _LLAMA_FROM_GGUF.items()
+    names = dict(_LLAMA_FROM_GGUF)
+    if c["attention_bias"]:  # qwen2
+        names |= _QKV_BIAS_FROM_GGUF
+        shapes |= dict(zip(_QKV_BIAS_FROM_GGUF, [(q,), (kv,), (kv,)]))
+    return {g.format(i=i): (hf.format(i=i), shapes[g]) for g, hf in names.items()
             for i in (range(c["num_hidden_layers"]) if "{i}" in g else [0])}
 
 
@@ -253,7 +267,7 @@ def _tensors(
     expected = _expected(config)
     for t in reader.tensors:
         if t.name not in expected:
-            raise CheckpointError(f"{path}: unexpected tensor {t.name!r}: not part of a llama model with "
+            raise CheckpointError(f"{path}: unexpected tensor {t.name!r}: not part of a {config['model_type']} model with "
                                   f"{config['num_hidden_layers']} layers (rope_freqs, MoE are not supported)")
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists the row length (ne0) first
         hf, want = expected[t.name]
@@ -265,7 +279,7 @@ def _tensors(
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r} ({len(missing)} missing in all)")
     tensors = {expected[t.name][0]: _dequantize(t, path, dtype) for t in reader.tensors}
-    for i in range(config["num_hidden_layers"]):
+    for i in range(config["num_hidden_layers"] if config["model_type"] == "llama" else 0):  # qwen2: HF's order
         q, k = f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.self_attn.k_proj.weight"
         tensors[q] = _unpermute_rope(tensors[q], config["num_attention_heads"])
         tensors[k] = _unpermute_rope(tensors[k], config["num_key_value_heads"])
@@ -399,7 +413,7 @@ OUTTYPES = {"f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
             "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
             "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0)}
 _NORMAL, _UNUSED = 1, 5
-_GGUF_FROM_LLAMA = {hf: g for g, hf in _LLAMA_FROM_GGUF.items()}
+_GGUF_FROM_LLAMA = {hf: g for g, hf in (_LLAMA_FROM_GGUF | _QKV_BIAS_FROM_GGUF).items()}
 # one `tokenizer.ggml.pre` per distinct way of splitting text in _PRE_TOKENIZERS, tried in this order
 _PRE_CANDIDATES = ("gpt2", "smollm", "llama-bpe", "qwen2")
 _PROBES = [  # texts on which the splitting styles differ: digit runs, contractions, letters after symbols, spaces
@@ -412,7 +426,7 @@ _PROBES = [  # texts on which the splitting styles differ: digit runs, contracti
 
 
 def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: str | None = None) -> Path:
-    """Write `model` (a llama-architecture lmforge Transformer) and its byte-level BPE `tokenizer` as one GGUF
+    """Write `model` (an lmforge Transformer of the llama or qwen2 architecture) and its byte-level BPE `tokenizer` as one GGUF
     file that llama.cpp runs, as llama.cpp's own converter lays it out: llama.* metadata, the vocabulary,
     merges, token types, special ids and chat template, Q/K rows in llama.cpp's interleaved order, norms in
     F32 and the matrices in `outtype` (f32, f16, bf16, q8_0; a matrix whose rows do not split into q8_0
@@ -424,9 +438,9 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
         raise ValueError(f"GGUF outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     c = model.config
     family = hf_model_type(c)
-    if family != "llama":
-        raise ValueError(f"GGUF export writes llama-architecture files (RMSNorm, full half-split RoPE, SwiGLU, no "
-                         f"biases, no sliding window); this model is {family!r}")
+    if family not in _ARCHITECTURES:
+        raise ValueError(f"GGUF export writes llama- and qwen2-architecture files (RMSNorm, full half-split RoPE, "
+                         f"SwiGLU, no biases but qwen2's on Q/K/V, no sliding window); this model is {family!r}")
     if tokenizer is None:
         raise ValueError("a GGUF file holds the tokenizer too: this model has none")
     path = Path(path)
@@ -434,12 +448,12 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
         raise ValueError(f"{path}: is a folder; the GGUF destination is a file")
     tokens, types, merges, pre = _vocabulary(tokenizer, c.vocab_size)
     qtype, file_type = OUTTYPES[outtype]
-    state = to_hf({k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}, "llama", c)
+    state = to_hf({k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}, family, c)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        w = GGUFWriter(str(tmp), "llama")
+        w = GGUFWriter(str(tmp), family)
         w.add_type("model")
         w.add_name(name or path.stem)
         w.add_file_type(file_type)
@@ -473,7 +487,7 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
         if tokenizer.chat_template:
             w.add_chat_template(tokenizer.chat_template)
         for hf_name, t in state.items():
-            w.add_tensor(*_gguf_tensor(hf_name, t, c, qtype))
+            w.add_tensor(*_gguf_tensor(hf_name, t, c, qtype, permute=family == "llama"))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -487,14 +501,15 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
     return path
 
 
-def _gguf_tensor(hf_name: str, t: torch.Tensor, c, qtype: GGMLQuantizationType) -> tuple[str, np.ndarray, None,
-                                                                                          GGMLQuantizationType]:
-    """(GGUF name, data, raw shape, ggml type) of one HF-named fp32 tensor."""
+def _gguf_tensor(hf_name: str, t: torch.Tensor, c, qtype: GGMLQuantizationType, permute: bool = True
+                 ) -> tuple[str, np.ndarray, None, GGMLQuantizationType]:
+    """(GGUF name, data, raw shape, ggml type) of one HF-named fp32 tensor; `permute`: Q/K rows in llama.cpp's
+    interleaved order (llama)."""
     template = re.sub(r"\.\d+\.", ".{i}.", hf_name)
     layer = re.search(r"\.(\d+)\.", hf_name)
     g = _GGUF_FROM_LLAMA[template].format(i=layer.group(1) if layer else 0)
     a = t.numpy()
-    if g.endswith(("attn_q.weight", "attn_k.weight")):  # HF half-split rows -> llama.cpp's interleaved pairs
+    if permute and g.endswith(("attn_q.weight", "attn_k.weight")):  # HF half-split rows -> interleaved pairs
         heads = c.n_heads if g.endswith("attn_q.weight") else c.n_kv_heads
         a = a.reshape(heads, 2, a.shape[0] // heads // 2, a.shape[1]).swapaxes(1, 2).reshape(a.shape)
     if a.ndim == 1:  # norms stay F32, as llama.cpp's converter keeps them

@@ -118,7 +118,7 @@ def _build(config: ModelConfig, state: dict[str, torch.Tensor], device, dtype) -
 def load(path: str | os.PathLike, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None):
     """Loads a model and its tokenizer from a Hugging Face folder (llama, mistral, qwen2, glm, ChatGLM2,
-    gpt2, bloom), a folder written by `lmforge.save`, or a llama-architecture `.gguf` file.
+    gpt2, bloom), a folder written by `lmforge.save`, or a llama- or qwen2-architecture `.gguf` file.
 
     Returns `(model, tokenizer)`; the tokenizer is None when the folder has none. `dtype=None` keeps the
     checkpoint's dtype (GGUF is dequantized to float32); `device=None` picks cuda:0 when present."""
@@ -135,7 +135,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
 
         g = read_gguf(path)
         config = _config(g.hf_config, str(path))
-        state = from_hf(_expected_shapes(config), g.tensors.__getitem__, set(g.tensors), "llama", config, str(path))
+        state = from_hf(_expected_shapes(config), g.tensors.__getitem__, set(g.tensors), g.hf_config["model_type"],
+                        config, str(path))
         tc = g.tokenizer_config
         tokenizer = Tokenizer(g.tokenizer, bos_token=tc.get("bos_token"), eos_token=tc["eos_token"],
                               pad_token=tc.get("pad_token"), unk_token=tc.get("unk_token"),

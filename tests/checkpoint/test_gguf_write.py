@@ -95,6 +95,32 @@ def test_outtypes(pair, tmp_path: Path, outtype: str, matrix: str, rel: float) -
     assert 0 < error < rel  # rounded (a real conversion happened), and no more than the type's rounding
 
 
+def test_qwen2_architecture(pair, tmp_path: Path) -> None:
+    """Q/K/V biases, and Q/K rows left in HF's order (llama.cpp runs qwen2 with half-split RoPE pairs); transformers'
+    GGUF loader reads the file to the same logits."""
+    tf = pytest.importorskip("transformers")
+    _, tok = pair
+    torch.manual_seed(0)
+    config = lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size, qkv_bias=True,
+                                             tie_embeddings=True, init_std=0.2)
+    model = lmforge.Transformer(config).eval()
+    with torch.no_grad():
+        for block in model.layers:
+            block.attn.qkv.bias.normal_()  # biases away from their zero init
+    path = write_gguf(model, tok, tmp_path / "qwen.gguf", "f32")
+    reader = GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    assert "qwen2.attention.head_count_kv" in reader.fields
+    assert {"blk.1.attn_q.bias", "blk.1.attn_k.bias", "blk.1.attn_v.bias"} <= {t.name for t in reader.tensors}
+    back, _ = lmforge.load(path, device="cpu")
+    assert back.config.qkv_bias and back.config.tie_embeddings
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids(model)), model(_ids(model)), atol=0, rtol=0)
+        ref = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, attn_implementation="eager")
+        assert type(ref).__name__ == "Qwen2ForCausalLM"
+        torch.testing.assert_close(ref.eval()(_ids(model)).logits, model(_ids(model)), atol=1e-4, rtol=1e-4)
+
+
 def test_tied_embeddings_write_no_output_tensor(tmp_path: Path) -> None:
     tok = train_tokenizer([], 280, documents=CORPUS)
     config = lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size, tie_embeddings=True)
@@ -110,7 +136,7 @@ def test_tied_embeddings_write_no_output_tensor(tmp_path: Path) -> None:
 def test_refusals_name_the_problem(pair, tmp_path: Path) -> None:
     model, tok = pair
     gpt2 = lmforge.Transformer(lmforge.ModelConfig.from_preset("tiny-gpt2", vocab_size=tok.vocab_size))
-    with pytest.raises(ValueError, match="llama-architecture.*this model is 'gpt2'"):
+    with pytest.raises(ValueError, match="llama- and qwen2-architecture.*this model is 'gpt2'"):
         write_gguf(gpt2, tok, tmp_path / "x.gguf")
     with pytest.raises(ValueError, match="outtype 'q4_k' is not one of f32, f16, bf16, q8_0"):
         write_gguf(model, tok, tmp_path / "x.gguf", "q4_k")
