@@ -412,7 +412,7 @@ OUTTYPES = {"f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
             "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
             "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
             "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0)}
-_NORMAL, _UNUSED = 1, 5
+_NORMAL, _UNKNOWN, _UNUSED, _BYTE = 1, 2, 5, 6
 _GGUF_FROM_LLAMA = {hf: g for g, hf in (_LLAMA_FROM_GGUF | _QKV_BIAS_FROM_GGUF).items()}
 # one `tokenizer.ggml.pre` per distinct way of splitting text in _PRE_TOKENIZERS, tried in this order
 _PRE_CANDIDATES = ("gpt2", "smollm", "llama-bpe", "qwen2")
@@ -426,11 +426,12 @@ _PROBES = [  # texts on which the splitting styles differ: digit runs, contracti
 
 
 def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: str | None = None) -> Path:
-    """Write `model` (an lmforge Transformer of the llama or qwen2 architecture) and its byte-level BPE `tokenizer` as one GGUF
-    file that llama.cpp runs, as llama.cpp's own converter lays it out: llama.* metadata, the vocabulary,
-    merges, token types, special ids and chat template, Q/K rows in llama.cpp's interleaved order, norms in
-    F32 and the matrices in `outtype` (f32, f16, bf16, q8_0; a matrix whose rows do not split into q8_0
-    blocks stays f16). Atomic: the file appears complete or not at all."""
+    """Write `model` (an lmforge Transformer of the llama or qwen2 architecture) and its `tokenizer` (byte-level
+    BPE, or SentencePiece-style BPE) as one GGUF file that llama.cpp runs, as llama.cpp's own converter lays it
+    out: llama.* / qwen2.* metadata, the vocabulary with merges or scores, token types, special ids and chat
+    template, llama's Q/K rows in llama.cpp's interleaved order, norms and biases in F32 and the matrices in
+    `outtype` (f32, f16, bf16, q8_0; a matrix whose rows do not split into q8_0 blocks stays f16). Atomic: the
+    file appears complete or not at all."""
     from lmforge.checkpoint.hf import to_hf
     from lmforge.config import hf_model_type
 
@@ -446,7 +447,7 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; the GGUF destination is a file")
-    tokens, types, merges, pre = _vocabulary(tokenizer, c.vocab_size)
+    vocab = _vocabulary(tokenizer, c.vocab_size)
     qtype, file_type = OUTTYPES[outtype]
     state = to_hf({k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}, family, c)
 
@@ -471,11 +472,15 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
         w.add_rope_dimension_count(c.head_dim)
         w.add_rope_freq_base(c.rope_theta)
         w.add_layer_norm_rms_eps(c.norm_eps)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(pre)
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        w.add_token_merges(merges)
+        w.add_tokenizer_model(vocab["model"])
+        if "pre" in vocab:
+            w.add_tokenizer_pre(vocab["pre"])
+        w.add_token_list(vocab["tokens"])
+        w.add_token_types(vocab["token_type"])
+        if "merges" in vocab:
+            w.add_token_merges(vocab["merges"])
+        else:
+            w.add_token_scores(vocab["scores"])
         for key, token_id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id),
                               ("unk", tokenizer.unk_id if tokenizer.unk_token else None),
                               ("pad", tokenizer.pad_id if tokenizer.pad_token else None)):
@@ -483,7 +488,7 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
                 getattr(w, f"add_{key}_token_id")(token_id)
         w.add_add_bos_token(bool(tokenizer.add_bos))
         w.add_add_eos_token(False)
-        w.add_add_space_prefix(False)
+        w.add_add_space_prefix(vocab["add_space_prefix"])
         if tokenizer.chat_template:
             w.add_chat_template(tokenizer.chat_template)
         for hf_name, t in state.items():
@@ -519,15 +524,19 @@ def _gguf_tensor(hf_name: str, t: torch.Tensor, c, qtype: GGMLQuantizationType, 
     return g, quantize(np.ascontiguousarray(a), kind), None, kind
 
 
-def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str], str]:
-    """tokens, token types, merges and `tokenizer.ggml.pre` of an lmforge Tokenizer, padded to vocab_size with
-    unused [PADn] entries (as llama.cpp's converter pads); the pre-tokenizer is the one whose llama.cpp splitting
-    encodes the probe texts exactly as this tokenizer does."""
+def _vocabulary(tokenizer, vocab_size: int) -> dict[str, Any]:
+    """The `tokenizer.ggml.*` values of an lmforge Tokenizer, its vocabulary padded to vocab_size with unused
+    [PADn] entries (as llama.cpp's converter pads). A byte-level BPE becomes 'gpt2' with the `pre` whose splitting
+    is this tokenizer's; a SentencePiece-style BPE (byte fallback, "\u2581" for spaces: LLaMA-2, Mistral, TinyLlama)
+    becomes 'llama', each piece scored minus the rank of the merge that makes it. Either way the vocabulary as
+    llama.cpp will read it must encode probe texts exactly as this tokenizer does."""
     backend = tokenizer.backend
     spec = json.loads(backend.to_str())
     decoder, model = spec.get("decoder") or {}, spec.get("model") or {}
-    if model.get("type") != "BPE" or decoder.get("type") != "ByteLevel":
-        raise ValueError(f"GGUF export needs a byte-level BPE tokenizer (tokenizer.ggml.model 'gpt2'); this one is "
+    steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+    sentencepiece = model.get("byte_fallback") and any(d.get("type") == "ByteFallback" for d in steps)
+    if model.get("type") != "BPE" or not (sentencepiece or decoder.get("type") == "ByteLevel"):
+        raise ValueError(f"GGUF export needs a byte-level BPE or a SentencePiece-style BPE tokenizer; this one is "
                          f"{model.get('type')} with a {decoder.get('type')} decoder")
     vocab = backend.get_vocab(with_added_tokens=True)
     n = len(vocab)
@@ -543,17 +552,48 @@ def _vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     if any(len(m.split(" ")) != 2 for m in merges):
         raise ValueError("a BPE merge contains a space, which GGUF's 'left right' merge strings cannot hold")
+    probes = [backend.encode(t, add_special_tokens=False).ids for t in _PROBES]
+
+    def check(candidate: Tokenizer, what: str) -> None:
+        if [candidate.encode(t, add_special_tokens=False).ids for t in _PROBES] != probes:
+            raise ValueError(f"read back as llama.cpp's {what} vocabulary, the tokenizer encodes differently; "
+                             "llama.cpp would tokenize differently")
+
+    if sentencepiece:
+        rank = {}
+        for r, m in enumerate(merges):
+            rank.setdefault(m.replace(" ", ""), r)
+        unk = model.get("unk_token")
+        for i, t in enumerate(tokens[:n]):
+            if re.fullmatch(r"<0x[0-9A-F]{2}>", t):
+                types[i] = _BYTE
+            elif t == unk:
+                types[i] = _UNKNOWN
+        # a merged piece: minus its merge's rank (pieces merge best-score first); the rest cannot be merged into
+        scores = [-float(rank[t]) if t in rank else (0.0 if k != _NORMAL else -1e9) for t, k in zip(tokens, types)]
+        add_space_prefix = _space_prefix(spec)
+        check(_sentencepiece_backend(tokens, scores, types, add_space_prefix), "'llama' (SentencePiece)")
+        return {"model": "llama", "tokens": tokens, "token_type": types, "scores": scores,
+                "add_space_prefix": add_space_prefix}
     want = _splitting(spec)
     for pre in _PRE_CANDIDATES:
         candidate = _backend(tokens, merges, types, pre)
         if _splitting(json.loads(candidate.to_str())) == want:
-            probes = [backend.encode(t, add_special_tokens=False).ids for t in _PROBES]
-            if [candidate.encode(t, add_special_tokens=False).ids for t in _PROBES] != probes:
-                raise ValueError(f"the tokenizer splits text as llama.cpp's {pre!r} does, yet encodes differently "
-                                 "(added tokens?); llama.cpp would tokenize differently")
-            return tokens, types, merges, pre
+            check(candidate, repr(pre))
+            return {"model": "gpt2", "pre": pre, "tokens": tokens, "token_type": types, "merges": merges,
+                    "add_space_prefix": False}
     raise ValueError(f"the tokenizer splits text ({want}) in a way none of llama.cpp's pre-tokenizers known to "
                      f"lmforge ({', '.join(_PRE_CANDIDATES)}) does; llama.cpp would tokenize differently")
+
+
+def _space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts "\u2581" before the text (Metaspace, or the older
+    normalizer that prepends it)."""
+    pre, norm = spec.get("pre_tokenizer") or {}, spec.get("normalizer") or {}
+    if pre.get("type") == "Metaspace":
+        return pre.get("prepend_scheme", "always") != "never" and pre.get("add_prefix_space", True)
+    norms = norm.get("normalizers", []) if norm.get("type") == "Sequence" else [norm]
+    return any(x.get("type") == "Prepend" for x in norms)
 
 
 def _splitting(spec: dict[str, Any]) -> list[tuple[Any, ...]]:

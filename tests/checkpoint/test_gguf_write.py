@@ -5,6 +5,7 @@ names and shapes equal those of the file llama.cpp's converter made."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -145,6 +146,10 @@ def test_refusals_name_the_problem(pair, tmp_path: Path) -> None:
     (tmp_path / "dir.gguf").mkdir()
     with pytest.raises(ValueError, match="dir.gguf: is a folder"):
         write_gguf(model, tok, tmp_path / "dir.gguf")
+    word_level = Tokenizer(models.WordLevel({"a": 0, "<eos>": 1}, unk_token="a"))
+    with pytest.raises(ValueError, match="needs a byte-level BPE or a SentencePiece-style BPE tokenizer; this one "
+                                         "is WordLevel"):
+        write_gguf(model, lmforge.Tokenizer(word_level, bos_token=None, eos_token="<eos>"), tmp_path / "x.gguf")
     small = lmforge.Transformer(lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size - 1))
     with pytest.raises(ValueError, match=f"{tok.vocab_size} tokens but the model's embedding only"):
         write_gguf(small, tok, tmp_path / "x.gguf")
@@ -274,3 +279,49 @@ def test_sentencepiece_without_space_prefix(tmp_path: Path) -> None:
     assert not pieces[0].startswith("\u2581") and any(p.startswith("\u2581") for p in pieces[1:])
     assert tok.decode(tok.encode("dog cat", add_bos=False)) == "dog cat"
     assert tok.decode(tok.encode(" dog", add_bos=False)) == " dog"
+
+
+def _sentencepiece_style_tokenizer() -> lmforge.Tokenizer:
+    """A LLaMA-2-shaped tokenizer.json: <unk> <s> </s>, the <0xNN> byte tokens, BPE pieces with "\u2581" for
+    spaces, byte fallback, Metaspace prepending "\u2581" to the text, <s> added as bos."""
+    from tokenizers import AddedToken, decoders
+
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trained.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=220, show_progress=False))
+    spec = json.loads(trained.to_str())["model"]
+    pieces = sorted(spec["vocab"], key=spec["vocab"].__getitem__)
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m) if isinstance(m, list) else
+                                   tuple(m.split(" ")) for m in spec["merges"]], unk_token="<unk>",
+                                   byte_fallback=True, fuse_unk=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    return lmforge.Tokenizer(backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos=True,
+                             chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+
+
+def test_sentencepiece_style_tokenizer_is_written_as_llama_vocabulary(tmp_path: Path) -> None:
+    """An HF LLaMA-2 / TinyLlama / Mistral-style tokenizer goes out as tokenizer.ggml.model 'llama' with scores,
+    byte and control token types; lmforge and transformers read it back to the same ids."""
+    tf = pytest.importorskip("transformers")
+    tok = _sentencepiece_style_tokenizer()
+    torch.manual_seed(0)
+    model = lmforge.Transformer(lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size)).eval()
+    path = write_gguf(model, tok, tmp_path / "spm.gguf", "f32")
+    fields = {k: f.contents() for k, f in GGUFReader(path).fields.items()}
+    assert fields["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in fields
+    assert fields["tokenizer.ggml.add_space_prefix"] is True
+    types = fields["tokenizer.ggml.token_type"]
+    assert types[:4] == [2, 3, 3, 6] and types[258] == 6 and types[259] == 1  # unknown, control, byte, normal
+    back, tok2 = lmforge.load(path, device="cpu")
+    ref = tf.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    for text in SPM_TEXTS + ["龍 and 🤗 by bytes", "  two leading spaces"]:
+        assert tok2.encode(text) == tok.encode(text), text
+        assert ref.encode(text) == tok.encode(text), text
+        assert tok2.decode(tok2.encode(text, add_bos=False)) == tok.decode(tok.encode(text, add_bos=False))
+    with torch.no_grad():
+        torch.testing.assert_close(back(_ids(model)), model(_ids(model)), atol=0, rtol=0)
+    assert tok2.chat_template == tok.chat_template and (tok2.bos_id, tok2.eos_id) == (1, 2)
