@@ -1,5 +1,5 @@
 """The README's main command, end to end at a few steps per stage: every stage runs, hands its model to the
-next, and the last model folder loads and generates."""
+next, and the last model folder loads and generates, also after the suggested conversion to GGUF."""
 
 import json
 
@@ -8,6 +8,7 @@ import torch
 
 from lmforge.checkpoint import load
 from lmforge.cli import run as cli
+from lmforge.generate import generate
 
 
 def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path, capsys):
@@ -33,6 +34,14 @@ def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path, capsy
     ids = torch.tensor([tok.encode("13+6=")])
     assert torch.isfinite(model(ids)).all()
     assert "model folder:" in text and str(out / "align" / "model") in text
+
+    # and it leaves for llama.cpp: the command the summary suggests writes a GGUF that generates the same tokens
+    suggested = text.split("for llama.cpp: ")[1].split(")")[0].split()
+    assert suggested[:2] == ["lmforge", "convert"]
+    cli([*suggested[1:], "--outtype", "f32"])
+    from_gguf, tok2 = load(out / "model.gguf")
+    prompt = tok.encode("13+6=")
+    assert generate(from_gguf, [prompt], 6, tokenizer=tok2) == generate(model, [prompt], 6, tokenizer=tok)
 
 
 @pytest.mark.parametrize("option", ["--steps", "--sft-steps", "--align-steps"])

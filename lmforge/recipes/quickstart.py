@@ -169,5 +169,6 @@ def run(out: str | Path = "runs/quickstart", steps: int = State.steps, device: s
     width = max(len(r[0]) for r in s.rows)
     for name, what, seconds in s.rows:
         print(f"  {name:<{width}}  {seconds:6.1f}s  {what}")
-    print(f"\nmodel folder: {s.model_dir}  (try: lmforge chat --model {s.model_dir})")
+    print(f"\nmodel folder: {s.model_dir}  (try: lmforge chat --model {s.model_dir}; for llama.cpp: "
+          f"lmforge convert {s.model_dir} {s.out / 'model.gguf'})")
     return s
