@@ -198,7 +198,7 @@ def run(argv: list[str] | None = None) -> None:
     elif cmd == "convert":
         from lmforge.checkpoint import load, save
 
-        to_gguf = a.dst.endswith(".gguf")
+        to_gguf = a.dst.lower().endswith(".gguf")
         if a.outtype is not None and not to_gguf:
             raise ValueError(f"--outtype {a.outtype} is for a .gguf destination; {a.dst} is a folder (use --dtype)")
         if to_gguf and a.dtype is not None:

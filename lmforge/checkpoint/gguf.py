@@ -30,8 +30,8 @@ from gguf import (
     ReaderField,
     ReaderTensor,
 )
-from gguf.quants import dequantize, quantize
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from gguf.quants import dequantize, quant_shape_to_byte_shape, quantize
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from lmforge.checkpoint.errors import CheckpointError
 
@@ -364,10 +364,11 @@ def _backend(tokens: list[str], merges: list[str], types: list[int], pre: str) -
 
 def _sentencepiece_backend(tokens: list[str], scores: list[float], types: list[int],
                            add_space_prefix: bool) -> Tokenizer:
-    """llama.cpp's 'llama' vocabulary (LLaMA 1/2, Mistral, TinyLlama…) as a `tokenizers` BPE: spaces are
-    "▁", a space is put before the text, characters missing from the vocabulary fall back to <0xNN> byte
-    tokens, and pieces merge best-score first (the merges are read off the vocabulary: a piece is the merge
-    of two shorter pieces, ranked by its score, as transformers rebuilds them)."""
+    """llama.cpp's 'llama' vocabulary (LLaMA 1/2, Mistral, TinyLlama…) as a `tokenizers` BPE. As llama.cpp
+    tokenizes: spaces become "\u2581", and with add_space_prefix one more goes before each stretch of text (at
+    the start, and after a special token); characters missing from the vocabulary fall back to <0xNN> byte
+    tokens (or the unknown token); pieces merge best-score first (the merges are read off the vocabulary: a
+    piece is the merge of two shorter pieces, ranked by its score)."""
     vocab = {t: i for i, t in enumerate(tokens)}
     merges = []
     for piece, score in zip(tokens, scores):
@@ -375,19 +376,23 @@ def _sentencepiece_backend(tokens: list[str], scores: list[float], types: list[i
                         if piece[:k] in vocab and piece[k:] in vocab), key=lambda m: (vocab[m[0]], vocab[m[1]]))
         merges += [(left, right, score) for left, right in found]
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)  # stable: ties keep vocabulary order
-    tokenizer = Tokenizer(models.BPE(vocab, [(a, b) for a, b, _ in merges], fuse_unk=True, byte_fallback=True))
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme="first" if add_space_prefix else "never", split=False)
-    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    unk = next((t for t, k in zip(tokens, types) if k == _UNKNOWN), None)
+    tokenizer = Tokenizer(models.BPE(vocab, [(a, b) for a, b, _ in merges], unk_token=unk, fuse_unk=True,
+                                     byte_fallback=True))
+    # a normalizer, not Metaspace: it sees each stretch of text between added tokens, so each gets its space
+    spaces = normalizers.Replace(" ", "\u2581")
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), spaces]) if add_space_prefix \
+        else spaces
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
     tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if add_space_prefix else []))
     return _add_tokens(tokenizer, tokens, types)
 
 
 def _add_tokens(tokenizer: Tokenizer, tokens: list[str], types: list[int]) -> Tokenizer:
-    """Control tokens (<|im_start|>, <s>…) and user-defined ones are matched whole in raw text, as llama.cpp
-    does."""
+    """Control tokens (<|im_start|>, <s>…), the unknown token and user-defined ones are matched whole in raw
+    text, as llama.cpp does."""
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t, k in zip(tokens, types) if k == _CONTROL])
+                                  for t, k in zip(tokens, types) if k in (_CONTROL, _UNKNOWN)])
     tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
                           for t, k in zip(tokens, types) if k == _USER_DEFINED])
     return tokenizer
@@ -447,9 +452,14 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; the GGUF destination is a file")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ValueError(f"{path}: {path.parent} is a file, not a folder")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("the model has no weights (it is on the meta device): load or train it first")
     vocab = _vocabulary(tokenizer, c.vocab_size)
     qtype, file_type = OUTTYPES[outtype]
-    state = to_hf({k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}, family, c)
+    permute = family == "llama"
+    state = to_hf({k: v.detach() for k, v in model.state_dict().items()}, family, c)  # views, any dtype
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -473,8 +483,7 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
         w.add_rope_freq_base(c.rope_theta)
         w.add_layer_norm_rms_eps(c.norm_eps)
         w.add_tokenizer_model(vocab["model"])
-        if "pre" in vocab:
-            w.add_tokenizer_pre(vocab["pre"])
+        w.add_tokenizer_pre(vocab["pre"])
         w.add_token_list(vocab["tokens"])
         w.add_token_types(vocab["token_type"])
         if "merges" in vocab:
@@ -491,11 +500,21 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
         w.add_add_space_prefix(vocab["add_space_prefix"])
         if tokenizer.chat_template:
             w.add_chat_template(tokenizer.chat_template)
-        for hf_name, t in state.items():
-            w.add_tensor(*_gguf_tensor(hf_name, t, c, qtype, permute=family == "llama"))
+        # tensor entries first, then each tensor converted and written in turn: one fp32 copy at a time in memory
+        plan = [(hf_name, _gguf_name(hf_name), _gguf_kind(t.shape, qtype)) for hf_name, t in state.items()]
+        for hf_name, g, kind in plan:
+            shape = tuple(state[hf_name].shape)
+            if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                dtype = np.float32 if kind == GGMLQuantizationType.F32 else np.float16
+                w.add_tensor_info(g, shape, np.dtype(dtype), math.prod(shape) * np.dtype(dtype).itemsize)
+            else:
+                raw = quant_shape_to_byte_shape(shape, kind)
+                w.add_tensor_info(g, raw, np.dtype(np.uint8), math.prod(raw), raw_dtype=kind)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for hf_name, g, kind in plan:
+            w.write_tensor_data(_gguf_data(state[hf_name], g, kind, c, permute))
         w.close()
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -506,22 +525,28 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
     return path
 
 
-def _gguf_tensor(hf_name: str, t: torch.Tensor, c, qtype: GGMLQuantizationType, permute: bool = True
-                 ) -> tuple[str, np.ndarray, None, GGMLQuantizationType]:
-    """(GGUF name, data, raw shape, ggml type) of one HF-named fp32 tensor; `permute`: Q/K rows in llama.cpp's
-    interleaved order (llama)."""
-    template = re.sub(r"\.\d+\.", ".{i}.", hf_name)
+def _gguf_name(hf_name: str) -> str:
+    """llama.cpp's name of an HF-named tensor."""
     layer = re.search(r"\.(\d+)\.", hf_name)
-    g = _GGUF_FROM_LLAMA[template].format(i=layer.group(1) if layer else 0)
-    a = t.numpy()
-    if permute and g.endswith(("attn_q.weight", "attn_k.weight")):  # HF half-split rows -> interleaved pairs
+    return _GGUF_FROM_LLAMA[re.sub(r"\.\d+\.", ".{i}.", hf_name)].format(i=layer.group(1) if layer else 0)
+
+
+def _gguf_kind(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+    """Norms and biases stay F32 and a matrix whose rows hold no whole number of blocks F16, as llama.cpp's
+    converter stores them; other matrices `qtype`."""
+    if len(shape) == 1:
+        return GGMLQuantizationType.F32
+    return qtype if shape[-1] % GGML_QUANT_SIZES[qtype][0] == 0 else GGMLQuantizationType.F16
+
+
+def _gguf_data(t: torch.Tensor, g: str, kind: GGMLQuantizationType, c, permute: bool) -> np.ndarray:
+    """The bytes (as a numpy array) of one tensor in `kind`; `permute`: llama's Q/K rows in llama.cpp's
+    interleaved pair order (HF stores the two halves of each head's rotation apart)."""
+    a = t.detach().to("cpu", torch.float32).numpy()
+    if permute and g.endswith(("attn_q.weight", "attn_k.weight")):
         heads = c.n_heads if g.endswith("attn_q.weight") else c.n_kv_heads
         a = a.reshape(heads, 2, a.shape[0] // heads // 2, a.shape[1]).swapaxes(1, 2).reshape(a.shape)
-    if a.ndim == 1:  # norms stay F32, as llama.cpp's converter keeps them
-        return g, np.ascontiguousarray(a, dtype=np.float32), None, GGMLQuantizationType.F32
-    block = GGML_QUANT_SIZES[qtype][0]
-    kind = qtype if a.shape[-1] % block == 0 else GGMLQuantizationType.F16
-    return g, quantize(np.ascontiguousarray(a), kind), None, kind
+    return quantize(np.ascontiguousarray(a), kind)
 
 
 def _vocabulary(tokenizer, vocab_size: int) -> dict[str, Any]:
@@ -570,10 +595,11 @@ def _vocabulary(tokenizer, vocab_size: int) -> dict[str, Any]:
             elif t == unk:
                 types[i] = _UNKNOWN
         # a merged piece: minus its merge's rank (pieces merge best-score first); the rest cannot be merged into
-        scores = [-float(rank[t]) if t in rank else (0.0 if k != _NORMAL else -1e9) for t, k in zip(tokens, types)]
+        scores = [-float(rank[t]) if t in rank else -1000.0 if k == _UNUSED else 0.0 if k != _NORMAL else -1e9
+                  for t, k in zip(tokens, types)]
         add_space_prefix = _space_prefix(spec)
         check(_sentencepiece_backend(tokens, scores, types, add_space_prefix), "'llama' (SentencePiece)")
-        return {"model": "llama", "tokens": tokens, "token_type": types, "scores": scores,
+        return {"model": "llama", "pre": "default", "tokens": tokens, "token_type": types, "scores": scores,
                 "add_space_prefix": add_space_prefix}
     want = _splitting(spec)
     for pre in _PRE_CANDIDATES:

@@ -12,7 +12,7 @@ import gguf
 import pytest
 import torch
 from gguf import GGUFReader
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 import lmforge
 from lmforge.checkpoint import gguf as gguf_module
@@ -153,6 +153,13 @@ def test_refusals_name_the_problem(pair, tmp_path: Path) -> None:
     small = lmforge.Transformer(lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size - 1))
     with pytest.raises(ValueError, match=f"{tok.vocab_size} tokens but the model's embedding only"):
         write_gguf(small, tok, tmp_path / "x.gguf")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="afile is a file, not a folder"):
+        write_gguf(model, tok, tmp_path / "afile" / "x.gguf")
+    with torch.device("meta"):
+        empty = lmforge.Transformer(model.config)
+    with pytest.raises(ValueError, match="no weights .it is on the meta device"):
+        write_gguf(empty, tok, tmp_path / "x.gguf")
     assert not list(tmp_path.glob("x.gguf*")) and not list(tmp_path.glob(".*tmp*"))
 
 
@@ -176,6 +183,8 @@ def test_cli_convert_to_gguf_and_its_errors(pair, tmp_path: Path, capsys) -> Non
     run(["convert", str(folder), str(tmp_path / "m.gguf"), "--outtype", "q8_0"])
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'm.gguf'} (")
     assert {t.tensor_type.name for t in GGUFReader(tmp_path / "m.gguf").tensors} == {"F32", "F16", "Q8_0"}
+    run(["convert", str(folder), str(tmp_path / "UPPER.GGUF")])  # the suffix in any case means a GGUF file
+    assert (tmp_path / "UPPER.GGUF").is_file() and GGUFReader(tmp_path / "UPPER.GGUF").tensors
     for argv, message in (
         (["convert", str(folder), str(tmp_path / "out"), "--outtype", "q8_0"], "--outtype q8_0 is for a .gguf"),
         (["convert", str(folder), str(tmp_path / "o.gguf"), "--dtype", "float16"], "--dtype is for a folder"),
@@ -210,7 +219,8 @@ def test_smollm2_written_like_llama_cpp_writes_it(tmp_path: Path) -> None:
 # ---- reading: LLaMA-2-style SentencePiece vocabularies ('llama' tokenizer model) ------------------------------
 
 
-def _sentencepiece_gguf(path: Path, add_space_prefix: bool = True) -> tuple[Path, lmforge.Transformer]:
+def _sentencepiece_gguf(path: Path, add_space_prefix: bool = True, byte_tokens: bool = True
+                        ) -> tuple[Path, lmforge.Transformer]:
     """A GGUF laid out like a LLaMA-2 file: <unk> <s> </s>, the 256 <0xNN> byte tokens, then pieces with their
     BPE scores (minus the merge rank), and a tiny random llama of that vocabulary."""
     trainer_tok = Tokenizer(models.BPE())
@@ -218,9 +228,10 @@ def _sentencepiece_gguf(path: Path, add_space_prefix: bool = True) -> tuple[Path
     trainer_tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, show_progress=False))
     vocab = trainer_tok.get_vocab()
     pieces = sorted(vocab, key=vocab.__getitem__)
-    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
-    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))]
-    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    n_bytes = 256 if byte_tokens else 0
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(n_bytes)), *pieces]
+    scores = [0.0] * (3 + n_bytes) + [-float(i) for i in range(len(pieces))]
+    types = [2, 3, 3] + [6] * n_bytes + [1] * len(pieces)
     torch.manual_seed(0)
     model = lmforge.Transformer(lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=len(tokens))).eval()
     c = model.config
@@ -239,7 +250,8 @@ def _sentencepiece_gguf(path: Path, add_space_prefix: bool = True) -> tuple[Path
                         if key == "tokenizer.ggml.scores" else None)
     state = to_hf({k: v.detach() for k, v in model.state_dict().items()}, "llama", c)
     for name, t in state.items():
-        w.add_tensor(*gguf_module._gguf_tensor(name, t, c, gguf.GGMLQuantizationType.F32))
+        g = gguf_module._gguf_name(name)
+        w.add_tensor(g, gguf_module._gguf_data(t, g, gguf.GGMLQuantizationType.F32, c, permute=True))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -247,8 +259,15 @@ def _sentencepiece_gguf(path: Path, add_space_prefix: bool = True) -> tuple[Path
     return path, model
 
 
-SPM_TEXTS = ["The cat sat on the mat.", " leading space and  double  spaces", "12:30 in 2024\nnew line\ttab",
-             "你好，世界 🤗 — ünïcode falls back to bytes", "a</s>b <s> c", "dog"]
+SPM_TEXTS = ["The cat sat on the mat.", "12:30 in 2024\nnew line\ttab", "你好，世界 🤗 — ünïcode falls back to bytes",
+             "two  spaces   inside", "dog"]
+# where transformers' reading of a SentencePiece GGUF (Metaspace, prepend "first") and llama.cpp part ways:
+# llama.cpp puts its space before every stretch of text, also one that starts with a space or follows a special
+SPM_EDGE_TEXTS = [" leading space", "  two leading spaces", "a</s>b <s> c", "<s>The cat", "x<unk>y"]
+
+
+def _pieces(tok, text: str) -> list[str]:
+    return [tok.backend.id_to_token(i) for i in tok.encode(text, add_bos=False)]
 
 
 def test_sentencepiece_vocabulary_reads_like_transformers(tmp_path: Path) -> None:
@@ -260,14 +279,29 @@ def test_sentencepiece_vocabulary_reads_like_transformers(tmp_path: Path) -> Non
         assert tok.encode(text) == ref.encode(text), text  # bos first: add_bos_token
         assert tok.decode(tok.encode(text), skip_special_tokens=True) == ref.decode(ref.encode(text),
                                                                                    skip_special_tokens=True)
-    assert tok.encode("dog")[0] == 1 and tok.backend.id_to_token(tok.encode("dog")[1]).startswith("\u2581")
-    assert [tok.backend.id_to_token(i) for i in tok.encode("龍", add_bos=False)][1:] == ["<0xE9>", "<0xBE>", "<0x8D>"]
-    assert tok.decode(tok.encode("a 龍 b", add_bos=False)) == "a 龍 b"  # byte fallback, decoded back
+    # llama.cpp's space rule (llama-vocab.cpp: a space before the text and after each special token)
+    assert _pieces(tok, " leading")[:2] == ["\u2581", "\u2581"] and _pieces(tok, "dog")[0].startswith("\u2581")
+    pieces = _pieces(tok, "a</s>b")
+    cut = pieces.index("</s>")
+    assert pieces[0].startswith("\u2581") and pieces[cut + 1].startswith("\u2581")
+    assert _pieces(tok, "<s>The")[0] == "<s>" and _pieces(tok, "<s>The")[1].startswith("\u2581")
+    assert tok.encode("<unk>", add_bos=False) == [0]  # the unknown token is matched whole, like control tokens
+    for text in SPM_TEXTS + [" leading space", "  two leading spaces"]:
+        assert tok.decode(tok.encode(text, add_bos=False)) == text  # lossless, leading spaces included
+    assert tok.decode(tok.encode("a</s>b", add_bos=False)) == "a</s> b"  # as llama.cpp detokenizes it
+    assert _pieces(tok, "龍") == ["\u2581", "<0xE9>", "<0xBE>", "<0x8D>"]  # byte fallback
     assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.add_bos) == ("<s>", "</s>", "<unk>", True)
     with torch.no_grad():
         torch.testing.assert_close(loaded(_ids(model)), model(_ids(model)), atol=0, rtol=0)
     new = generate(loaded, [tok.encode("The cat")], 5, tokenizer=tok)[0]
     assert len(new) <= 5 and tok.decode(new) == tok.decode(new)
+
+
+def test_sentencepiece_without_byte_tokens_maps_unknown_characters_to_unk(tmp_path: Path) -> None:
+    path, _ = _sentencepiece_gguf(tmp_path / "spm.gguf", byte_tokens=False)
+    _, tok = lmforge.load(path, device="cpu")
+    ids = tok.encode("cat 龍 dog", add_bos=False)
+    assert 0 in ids and tok.decode(ids).startswith("cat") and tok.decode(ids).endswith("dog")  # not dropped
 
 
 def test_sentencepiece_without_space_prefix(tmp_path: Path) -> None:
@@ -281,11 +315,11 @@ def test_sentencepiece_without_space_prefix(tmp_path: Path) -> None:
     assert tok.decode(tok.encode(" dog", add_bos=False)) == " dog"
 
 
-def _sentencepiece_style_tokenizer() -> lmforge.Tokenizer:
+def _sentencepiece_style_tokenizer(layout: str) -> lmforge.Tokenizer:
     """A LLaMA-2-shaped tokenizer.json: <unk> <s> </s>, the <0xNN> byte tokens, BPE pieces with "\u2581" for
-    spaces, byte fallback, Metaspace prepending "\u2581" to the text, <s> added as bos."""
-    from tokenizers import AddedToken, decoders
-
+    spaces, byte fallback, <s> added as bos. layout "legacy": the normalizer puts "\u2581" before each stretch of
+    text (LLaMA-2's and Mistral's own files, and llama.cpp's rule); "metaspace": a Metaspace pre-tokenizer puts it
+    before the first word only (transformers' non-legacy LlamaTokenizer)."""
     trained = Tokenizer(models.BPE())
     trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
     trained.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=220, show_progress=False))
@@ -295,7 +329,10 @@ def _sentencepiece_style_tokenizer() -> lmforge.Tokenizer:
     backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m) if isinstance(m, list) else
                                    tuple(m.split(" ")) for m in spec["merges"]], unk_token="<unk>",
                                    byte_fallback=True, fuse_unk=True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    if layout == "legacy":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
@@ -303,25 +340,30 @@ def _sentencepiece_style_tokenizer() -> lmforge.Tokenizer:
                              chat_template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
 
 
-def test_sentencepiece_style_tokenizer_is_written_as_llama_vocabulary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["legacy", "metaspace"])
+def test_sentencepiece_style_tokenizer_is_written_as_llama_vocabulary(tmp_path: Path, layout: str) -> None:
     """An HF LLaMA-2 / TinyLlama / Mistral-style tokenizer goes out as tokenizer.ggml.model 'llama' with scores,
-    byte and control token types; lmforge and transformers read it back to the same ids."""
+    byte and control token types, and reads back to the same ids, in lmforge and in transformers. Texts that
+    start with a space or follow a special token come back the same only from the legacy layout: llama.cpp
+    itself puts a space there, whatever the tokenizer.json says (its own converter has the same limit)."""
     tf = pytest.importorskip("transformers")
-    tok = _sentencepiece_style_tokenizer()
+    tok = _sentencepiece_style_tokenizer(layout)
     torch.manual_seed(0)
     model = lmforge.Transformer(lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size)).eval()
     path = write_gguf(model, tok, tmp_path / "spm.gguf", "f32")
     fields = {k: f.contents() for k, f in GGUFReader(path).fields.items()}
     assert fields["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in fields
-    assert fields["tokenizer.ggml.add_space_prefix"] is True
+    assert fields["tokenizer.ggml.pre"] == "default" and fields["tokenizer.ggml.add_space_prefix"] is True
     types = fields["tokenizer.ggml.token_type"]
     assert types[:4] == [2, 3, 3, 6] and types[258] == 6 and types[259] == 1  # unknown, control, byte, normal
     back, tok2 = lmforge.load(path, device="cpu")
     ref = tf.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
-    for text in SPM_TEXTS + ["龍 and 🤗 by bytes", "  two leading spaces"]:
+    for text in SPM_TEXTS + ["龍 and 🤗 by bytes"]:
         assert tok2.encode(text) == tok.encode(text), text
         assert ref.encode(text) == tok.encode(text), text
         assert tok2.decode(tok2.encode(text, add_bos=False)) == tok.decode(tok.encode(text, add_bos=False))
+    for text in SPM_EDGE_TEXTS:
+        assert (tok2.encode(text) == tok.encode(text)) == (layout == "legacy"), text
     with torch.no_grad():
         torch.testing.assert_close(back(_ids(model)), model(_ids(model)), atol=0, rtol=0)
     assert tok2.chat_template == tok.chat_template and (tok2.bos_id, tok2.eos_id) == (1, 2)
