@@ -302,6 +302,7 @@ def fit(
     model.train()
     t_last, tokens_since = time.perf_counter(), 0
     end = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
+    acc = torch.float32 if device.type == "mps" else torch.float64  # Apple's GPU has no float64
     for step in range(start, end):
         micro = [get_batch(step, i) for i in range(grad_accum)]
         n_total = float(sum(b["n"] for b in micro))
@@ -317,14 +318,14 @@ def fit(
                 loss, metrics = step_loss(model, batch)
                 # DDP and FSDP average gradients over processes; x world turns that into the global sum
                 (loss * world / n_total).backward()
-            loss_sum = loss_sum + loss.detach().double()  # float64: as exact as summing Python floats
+            loss_sum = loss_sum + loss.detach().to(acc)  # float64: as exact as summing Python floats
             for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + (v.detach().double() if isinstance(v, torch.Tensor) else v)
+                sums[k] = sums.get(k, 0.0) + (v.detach().to(acc) if isinstance(v, torch.Tensor) else v)
             tokens_since += int(batch.get("tokens", batch["n"]))
         # the global norm, also over FSDP's sharded gradients (DTensors)
         norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else
                 torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-        loss_sum, grad_norm, *values = _to_host([loss_sum, norm, *sums.values()])
+        loss_sum, grad_norm, *values = _to_host([loss_sum, norm, *sums.values()], acc)
         sums = dict(zip(sums, values))
         if dist is not None:  # every process then takes the same decision below
             loss_sum = dist.all_reduce_sum(loss_sum)
@@ -366,13 +367,13 @@ def fit(
     return FitResult(end, losses, last_eval, run_dir)
 
 
-def _to_host(values: list[Any]) -> list[float]:
+def _to_host(values: list[Any], dtype: torch.dtype = torch.float64) -> list[float]:
     """Python floats of numbers and one-element tensors, the tensors copied to the host together (one sync)."""
     at = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
     out = [float(v) if i not in at else 0.0 for i, v in enumerate(values)]
     if at:
         full = [values[i].full_tensor() if hasattr(values[i], "full_tensor") else values[i] for i in at]  # DTensor
-        host = torch.stack([v.detach().reshape(()).to(torch.float64) for v in full]).tolist()
+        host = torch.stack([v.detach().reshape(()).to(dtype) for v in full]).tolist()
         for i, v in zip(at, host):
             out[i] = v
     return out
