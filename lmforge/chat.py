@@ -38,7 +38,12 @@ def chat_loop(model: Transformer, tokenizer: Any, system: str | None = None, max
         if not text:
             continue
         messages.append({"role": "user", "content": line})
-        ids = _fit(tokenizer, messages, base, model.config.max_seq_len)
+        try:
+            ids = _fit(tokenizer, messages, base, model.config.max_seq_len)
+        except ValueError as e:  # e.g. undecodable bytes typed or piped in: say so and go on chatting
+            messages.pop()
+            write(f"({e})")
+            continue
         if ids is None:
             messages.pop()
             write(f"(that message alone does not fit the context of {model.config.max_seq_len} tokens)")

@@ -315,6 +315,12 @@ def main(argv: list[str] | None = None) -> None:
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError, KeyError, PlacementError) as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as e:  # a path of the user's
+        what = {FileExistsError: "exists and is not a folder", IsADirectoryError: "is a folder, not a file",
+                NotADirectoryError: "a part of this path is a file, not a folder",
+                PermissionError: "permission denied"}[type(e)]
+        print(f"lmforge: error: {e.filename}: {what}", file=sys.stderr)
+        sys.exit(2)
     except jinja2.TemplateError as e:  # the model's chat template is broken or refuses these messages
         print(f"lmforge: error: chat template: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)

@@ -149,7 +149,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Text → ids; prepends bos when `add_bos` (default: the tokenizer's setting). Never adds eos."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.backend.encode(text, add_special_tokens=False).ids
+        except TypeError:  # tokenizers' message for a str holding lone surrogates: "must be str"
+            if not isinstance(text, str):
+                raise
+            raise ValueError("the text is not valid Unicode: it holds undecodable bytes (is the input UTF-8?)") \
+                from None
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         return ids
@@ -269,6 +275,8 @@ def train_tokenizer(
     tokenizer.json's post-processor so that tools reading only that file add bos too.
     """
     sp = special_tokens or SpecialTokens()
+    if min_frequency < 0:
+        raise ValueError(f"min_frequency must be >= 0, got {min_frequency}")
     n_base = len(pre_tokenizers.ByteLevel.alphabet()) + len(sp.all())
     if vocab_size < n_base:
         raise ValueError(f"vocab_size {vocab_size} < 256 bytes + {len(sp.all())} special tokens")

@@ -139,3 +139,60 @@ def test_prepare_writes_shards_a_second_run_reuses(tmp_path, capsys, tiny):
                                                       for i in range(n_docs))  # every document + its eos
     main(argv)  # again: same result from the finished shards
     assert capsys.readouterr().out.splitlines()[-1] == first.splitlines()[-1]
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "device 'gpu' is not a device: use auto, cpu, cuda, cuda:N or mps"),
+    ("", "device '' is not a device"),
+    ("meta", "device 'meta' holds no data"),
+    ("cuda:0", "device 'cuda:0' was asked for but CUDA is not available here" if not torch.cuda.is_available()
+     else None),
+])
+def test_a_bad_device_is_named(capsys, tiny, device, message):
+    if message is None:
+        pytest.skip("this machine has CUDA")
+    assert message in fails(["generate", "--model", str(tiny / "m"), "--prompt", "the", "--device", device], capsys)
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch_size", "0", "batch_size must be >= 1 and micro_batch_size >= 0"),
+    ("--micro_batch_size", "-1", "batch_size must be >= 1 and micro_batch_size >= 0"),
+    ("--data.seq_len", "0", "data.seq_len must be >= 1 tokens, got 0"),
+    ("--train.log_every", "0", "train.log_every must be >= 1, got 0"),
+    ("--train.eval_every", "-5", "train.eval_every must be >= 0, got -5"),
+    ("--train.grad_clip", "-1", "train.grad_clip must be >= 0, got -1"),
+])
+def test_nonsense_numbers_in_a_run_config_are_named_before_anything_is_written(tmp_path, capsys, tiny, option,
+                                                                               value, message):
+    out = tmp_path / "run"
+    err = fails(["pretrain", "--data.sources", f"[{tiny / 'c.txt'}]", "--out_dir", str(out), option, value], capsys)
+    assert message in err
+    assert not (out / "data").exists() and not (out / "model").exists()
+
+
+def test_an_output_path_that_is_a_file_or_under_one_is_named(tmp_path, capsys, tiny):
+    existing = tmp_path / "existing"
+    existing.write_text("keep me")
+    err = fails(["tokenizer", "train", str(tiny / "c.txt"), "--vocab-size", "300", "--out", str(existing)], capsys)
+    assert err == f"lmforge: error: {existing}: exists and is not a folder"
+    err = fails(["prepare", str(tiny / "c.txt"), "--tokenizer", str(tiny / "m"), "--out", str(existing / "d")],
+                capsys)
+    assert str(existing) in err and "not a folder" in err
+    assert existing.read_text() == "keep me"
+    err = fails(["tokenizer", "train", str(tiny / "c.txt"), "--vocab-size", "300", "--out", str(tmp_path / "t"),
+                 "--min-frequency", "-1"], capsys)
+    assert "min_frequency must be >= 0, got -1" in err
+
+
+def test_undecodable_text_is_a_clear_error_and_the_chat_goes_on(tiny):
+    from lmforge.chat import chat_loop
+
+    model, tok = lmforge.load(tiny / "m", device="cpu")
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of Latin-1 bytes typed in a UTF-8 shell
+    with pytest.raises(ValueError, match="not valid Unicode: it holds undecodable bytes"):
+        tok.encode(bad)
+    lines, said = iter([bad, "the cat", "/exit"]), []
+    history = chat_loop(model, tok, max_new_tokens=3, read=lambda _: next(lines),
+                        write=lambda *a, **k: said.append("".join(map(str, a))))
+    assert any("undecodable bytes" in s for s in said)
+    assert [m["content"] for m in history if m["role"] == "user"] == ["the cat"]

@@ -84,6 +84,9 @@ class AlignConfig:
             raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
         if self.reference not in ("auto", "copy", "precomputed"):
             raise ValueError(f"reference={self.reference!r} is not one of auto, copy, precomputed")
+        from lmforge.recipes.pretrain import check_batch
+
+        check_batch(self.batch_size, self.micro_batch_size, self.eval_batches)
 
 
 def pair_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -45,6 +45,12 @@ class PretrainData:
     val_fraction: float = 0.01
     skip_bad_lines: bool = False
 
+    def __post_init__(self) -> None:
+        if self.seq_len < 1:
+            raise ValueError(f"data.seq_len must be >= 1 tokens, got {self.seq_len}")
+        if self.vocab_size < 1:
+            raise ValueError(f"data.vocab_size must be >= 1, got {self.vocab_size}")
+
 
 @dataclass
 class PretrainConfig:
@@ -68,6 +74,9 @@ class PretrainConfig:
     micro_batch_size: int = 0
     eval_batches: int = 20
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        check_batch(self.batch_size, self.micro_batch_size, self.eval_batches)
 
 
 def prepare_tokens(cfg: PretrainConfig, tokenizer: Tokenizer | None, build: bool = True) -> tuple[Tokenizer, Path]:
@@ -98,8 +107,18 @@ def prepare_tokens(cfg: PretrainConfig, tokenizer: Tokenizer | None, build: bool
     return tokenizer, data_dir
 
 
+def check_batch(batch_size: int, micro_batch_size: int, eval_batches: int = 0) -> None:
+    """The batch options of a run config, checked when it is read (before any data is made)."""
+    if eval_batches < 0:
+        raise ValueError(f"eval_batches must be >= 0, got {eval_batches}")
+    split_batch(batch_size, micro_batch_size)
+
+
 def split_batch(batch_size: int, micro_batch_size: int, world_size: int = 1) -> tuple[int, int]:
     """(rows per micro-batch, micro-batches per step) for a global batch over `world_size` processes."""
+    if batch_size < 1 or micro_batch_size < 0:
+        raise ValueError(f"batch_size must be >= 1 and micro_batch_size >= 0 (0: the whole batch), got "
+                         f"{batch_size} and {micro_batch_size}")
     if batch_size % world_size:
         raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} processes")
     per_rank = batch_size // world_size

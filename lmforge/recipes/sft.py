@@ -94,6 +94,11 @@ class SFTConfig:
     eval_max_new_tokens: int = 32
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4, warmup_steps=5, weight_decay=0.0))
 
+    def __post_init__(self) -> None:
+        from lmforge.recipes.pretrain import check_batch
+
+        check_batch(self.batch_size, self.micro_batch_size, self.eval_batches)
+
 
 def _normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().casefold().rstrip(".。!！")

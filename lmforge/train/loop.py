@@ -100,9 +100,14 @@ class TrainConfig:
             raise ValueError(f"train.strategy={self.strategy!r} is not one of auto, single, ddp, fsdp")
         if self.dist_timeout <= 0:
             raise ValueError(f"train.dist_timeout must be > 0 seconds, got {self.dist_timeout}")
-        for name in ("max_steps", "keep_last"):
+        for name in ("max_steps", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every", "stop_at", "warmup_steps", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.schedule == "step" and self.step_size < 1:
+            raise ValueError(f"train.step_size must be >= 1, got {self.step_size}")
 
 
 class NonFiniteError(RuntimeError):
