@@ -203,6 +203,12 @@ def run(argv: list[str] | None = None) -> None:
             raise ValueError(f"--outtype {a.outtype} is for a .gguf destination; {a.dst} is a folder (use --dtype)")
         if to_gguf and a.dtype is not None:
             raise ValueError("--dtype is for a folder destination; a .gguf one takes --outtype (f32, f16, bf16, q8_0)")
+        dst = Path(a.dst)
+        if dst.is_file() and not to_gguf:
+            raise ValueError(f"{dst}: exists and is a file; the destination is a new or a model folder")
+        if dst.is_dir() and not to_gguf and any(dst.iterdir()) and not (dst / "config.json").is_file():
+            raise ValueError(f"{dst}: exists and is not a model folder (no config.json); converting there would "
+                             "replace what it holds: choose a new destination")
         if to_gguf:
             from lmforge.checkpoint.gguf import OUTTYPES, write_gguf
 

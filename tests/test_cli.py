@@ -215,3 +215,23 @@ def test_training_writes_tensorboard_events_with_the_logged_losses(train_run):
     assert [e.step for e in loss] == [1, 2, 3, 4, 5, 6]
     assert [e.value for e in loss] == pytest.approx(result.losses, rel=1e-6)  # stored as float32
     assert [e.step for e in acc.Scalars("eval/val_loss")] == [2, 4, 6]
+
+
+def test_convert_refuses_a_destination_that_is_not_a_model_folder(folder, tmp_path, capsys):
+    from lmforge.cli import main as cli_main
+
+    keep = tmp_path / "notes"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        cli_main(["convert", str(folder), str(keep)])
+    assert "exists and is not a model folder" in capsys.readouterr().err
+    assert (keep / "notes.txt").read_text() == "mine"
+    a_file = tmp_path / "file.bin"
+    a_file.write_text("data")
+    with pytest.raises(SystemExit):
+        cli_main(["convert", str(folder), str(a_file)])
+    assert "exists and is a file" in capsys.readouterr().err and a_file.read_text() == "data"
+    run(["convert", str(folder), str(tmp_path / "m1")])
+    run(["convert", str(folder), str(tmp_path / "m1")])  # a model folder is replaced, as lmforge.save does
+    assert (tmp_path / "m1" / "config.json").is_file()

@@ -82,3 +82,48 @@ def test_final_model_loads_in_lmforge_and_transformers_alike(continued):
         logits = model(ids)
         torch.testing.assert_close(ref(ids).logits, logits, atol=1e-4, rtol=1e-4)
         assert (logits - init_model(ids)).abs().max() > 1e-4
+
+
+def test_a_finished_run_is_not_overwritten_without_resume(continued, capsys):
+    """Running again into a folder that holds a run is refused before anything of it changes."""
+    from lmforge.cli import main
+
+    _, _, out, _, cfg = continued
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--out_dir", str(out), "--model.init_from", cfg.model.init_from,
+              "--data.sources", f"[{cfg.data.sources[0]}]", "--data.seq_len", str(SEQ_LEN), "--eval_batches", "0",
+              "--batch_size", str(BATCH), "--train.max_steps", "1"])
+    assert e.value.code == 2
+    assert f"{out}: already holds a run (checkpoints up to step-{STEPS}): pass --resume" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+def test_prepared_data_of_another_tokenizer_is_refused(continued, tmp_path):
+    _, _, out, _, cfg = continued
+    other = train_tokenizer([], 280, documents=DOCS[::-1])
+    other.save(tmp_path / "tok")
+    bad = PretrainConfig(out_dir=str(tmp_path / "run"), model=cfg.model, batch_size=BATCH, eval_batches=0,
+                         data=PretrainData(prepared=str(out / "data"), tokenizer=str(tmp_path / "tok"),
+                                           seq_len=SEQ_LEN), train=TrainConfig(max_steps=1, progress=False))
+    with pytest.raises(ValueError, match=f"data.prepared {out / 'data'} was made with another tokenizer"):
+        run(bad)
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_resume_keeps_the_run_tokenizer(tmp_path):
+    """A resumed run reads the tokenizer it trained; it does not train (and write) a new one first."""
+    (tmp_path / "c.txt").write_text("\n\n".join(DOCS) + "\n")
+    cfg = PretrainConfig(out_dir=str(tmp_path / "run"), model=ModelSpec(preset="tiny-llama", device="cpu",
+                         overrides={"dim": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "ffn_dim": 64}),
+                         batch_size=BATCH, eval_batches=0,
+                         data=PretrainData(sources=[str(tmp_path / "c.txt")], vocab_size=300, seq_len=SEQ_LEN,
+                                           val_fraction=0.0),
+                         train=TrainConfig(max_steps=2, stop_at=1, lr=1e-2, warmup_steps=1, progress=False))
+    run(cfg)
+    tok_file = tmp_path / "run" / "tokenizer" / "tokenizer.json"
+    stamp = tok_file.stat().st_mtime_ns
+    cfg.train.resume = True
+    cfg.train.stop_at = 0
+    result = run(cfg)
+    assert result.step == 2 and tok_file.stat().st_mtime_ns == stamp

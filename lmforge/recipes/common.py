@@ -117,8 +117,12 @@ def save_final(model: Transformer, tokenizer: Any, folder: str | Path, dist: Any
 
 
 def write_run_config(out_dir: str | Path, cfg: Any) -> None:
-    """The resolved recipe config, as YAML, beside the run's outputs."""
+    """The resolved recipe config, as YAML, beside the run's outputs; first of all, a folder that already holds a
+    run is refused unless it is resumed (nothing of it is overwritten)."""
+    from lmforge.train.loop import check_run_dir
+
     out = Path(out_dir)
+    check_run_dir(out, cfg.train.resume)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "config.yaml", "w") as f:
         yaml.safe_dump(dataclasses.asdict(cfg), f, sort_keys=False, allow_unicode=True)

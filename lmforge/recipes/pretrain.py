@@ -88,11 +88,18 @@ def prepare_tokens(cfg: PretrainConfig, tokenizer: Tokenizer | None, build: bool
     if d.prepared and not d.sources:
         if tokenizer is None:
             raise ValueError("data.prepared needs data.tokenizer (or model.init_from with a tokenizer)")
+        from lmforge.data.pretrain import Manifest
+
+        made_with = Manifest.load(d.prepared).tokenizer_hash
+        if made_with != tokenizer.hash():  # its ids mean other tokens (or none) to this tokenizer
+            raise ValueError(f"data.prepared {d.prepared} was made with another tokenizer ({made_with[:12]}…), not "
+                             f"this run's ({tokenizer.hash()[:12]}…, from {d.tokenizer or cfg.model.init_from}); "
+                             "prepare the data again with it")
         return tokenizer, Path(d.prepared)
     if not d.sources:
         raise ValueError("give data.sources (raw text) or data.prepared (a `lmforge prepare` folder)")
-    if tokenizer is None and not build:
-        tokenizer = Tokenizer.from_folder(out / "tokenizer")
+    if tokenizer is None and (not build or (cfg.train.resume and (out / "tokenizer" / "tokenizer.json").is_file())):
+        tokenizer = Tokenizer.from_folder(out / "tokenizer")  # made by rank 0, or by the run being resumed
     if tokenizer is None:
         print(f"training a {d.vocab_size}-token byte-level BPE tokenizer on {len(d.sources)} source(s)")
         from lmforge.data.pretrain import resolve_sources

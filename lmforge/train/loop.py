@@ -110,6 +110,16 @@ class TrainConfig:
             raise ValueError(f"train.step_size must be >= 1, got {self.step_size}")
 
 
+def check_run_dir(run_dir: str | Path, resume: bool) -> None:
+    """A folder with checkpoints holds a run: without `resume`, training there would overwrite its model and
+    mix its metrics, and pruning would delete the new run's own checkpoints. Refused, naming the way out."""
+    done = [p.name for p in (Path(run_dir) / "checkpoints").glob("step-*") if p.is_dir()]
+    if done and not resume:
+        last = max(done, key=lambda n: int(n.split("-")[1]) if n.split("-")[1].isdigit() else -1)
+        raise ValueError(f"{run_dir}: already holds a run (checkpoints up to {last}): pass --resume "
+                         "(train.resume: true) to continue it, or choose a new out_dir")
+
+
 class NonFiniteError(RuntimeError):
     """The loss or the gradient stopped being a finite number."""
 
@@ -214,6 +224,8 @@ def fit(
     """
     run_dir = Path(run_dir)
     is_main = dist is None or dist.rank == 0
+    if save_model is not None:  # a run that writes checkpoints must not write them over another run's
+        check_run_dir(run_dir, cfg.resume)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed, cfg.deterministic)
