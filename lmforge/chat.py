@@ -18,7 +18,8 @@ def chat_loop(model: Transformer, tokenizer: Any, system: str | None = None, max
 
     Every turn re-renders and re-prefills the whole conversation (simple, and exact for any template). When
     it no longer fits the context the oldest turns are dropped. `/reset` clears the history (the system
-    prompt stays), `/exit` or EOF ends. `options` are GenerationConfig fields. Returns the history."""
+    prompt stays), `/exit` or EOF ends; Ctrl-C stops a reply (what came so far stays in the history), and at
+    the prompt ends the chat. `options` are GenerationConfig fields. Returns the history."""
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
     write(HELP)
@@ -49,9 +50,12 @@ def chat_loop(model: Transformer, tokenizer: Any, system: str | None = None, max
             write(f"(that message alone does not fit the context of {model.config.max_seq_len} tokens)")
             continue
         reply = ""
-        for piece in stream(model, tokenizer, ids, max_new_tokens, **options):
-            reply += piece
-            write(piece, end="", flush=True)
+        try:
+            for piece in stream(model, tokenizer, ids, max_new_tokens, **options):
+                reply += piece
+                write(piece, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C during a reply stops the reply, not the conversation
+            write(" (stopped)", end="")
         write("")
         messages.append({"role": "assistant", "content": reply})
     return messages

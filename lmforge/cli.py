@@ -261,9 +261,9 @@ def _looks_like_choices(path: str) -> bool:
     if not path.endswith(".jsonl"):
         return False
     try:
-        with open(path, encoding="utf-8") as f:
-            first = next((line for line in f if line.strip()), "{}")
-        return "choices" in json.loads(first)
+        with open(path, "rb") as f:  # the first line only: a bad byte further on is the reader's to report
+            first = next((line for line in f if line.strip()), b"{}")
+        return "choices" in json.loads(first.decode("utf-8", "replace"))
     except (json.JSONDecodeError, UnicodeDecodeError):  # the data reader reports it with file and line
         return False
 
@@ -281,11 +281,18 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics.jsonl in this run folder")
     train, val = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
+            if n == len(lines):  # a run killed while writing leaves a partial last line: plot what is whole
+                break
             raise ValueError(f"{path}:{n}: not valid JSON") from None
+        if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+            raise ValueError(f"{path}:{n}: a record needs an integer 'step'")
         if "loss" in r:
             train.append((r["step"], r["loss"]))
         if "eval/val_loss" in r:

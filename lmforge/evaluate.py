@@ -67,11 +67,15 @@ def perplexity(model: Transformer, tokenizer: Any, path_or_texts: str | os.PathL
 def _read_choices(path: Path) -> list[tuple[str, list[str], int]]:
     """(question, choices, answer index) per line; a bad line raises DataError naming file:line."""
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: invalid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

@@ -23,6 +23,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+_MAX_VOCAB = 1 << 20
+
 
 @dataclass(frozen=True)
 class SpecialTokens:
@@ -277,6 +279,11 @@ def train_tokenizer(
     sp = special_tokens or SpecialTokens()
     if min_frequency < 0:
         raise ValueError(f"min_frequency must be >= 0, got {min_frequency}")
+    if vocab_size > _MAX_VOCAB:
+        raise ValueError(f"vocab_size {vocab_size:,} is past {_MAX_VOCAB:,}, far more than any model uses "
+                         "(LLaMA-3: 128,256)")
+    if any(not t for t in sp.all()) or sp.eos is None:
+        raise ValueError(f"special tokens must be non-empty strings, got {[sp.eos, sp.pad, sp.bos, *sp.extra]}")
     n_base = len(pre_tokenizers.ByteLevel.alphabet()) + len(sp.all())
     if vocab_size < n_base:
         raise ValueError(f"vocab_size {vocab_size} < 256 bytes + {len(sp.all())} special tokens")

@@ -196,3 +196,61 @@ def test_undecodable_text_is_a_clear_error_and_the_chat_goes_on(tiny):
                         write=lambda *a, **k: said.append("".join(map(str, a))))
     assert any("undecodable bytes" in s for s in said)
     assert [m["content"] for m in history if m["role"] == "user"] == ["the cat"]
+
+
+def test_more_nonsense_values_are_named():
+    from lmforge.data.pretrain import prepare
+    from lmforge.recipes.align import AlignConfig
+    from lmforge.recipes.sft import ChatData, LoRASpec
+    from lmforge.tokenizer import SpecialTokens
+    from lmforge.train.loop import TrainConfig
+
+    cases = [
+        (lambda: AlignConfig(beta=-1.0), "beta must be > 0"),
+        (lambda: AlignConfig(label_smoothing=0.7), "label_smoothing must be in [0, 0.5), got 0.7"),
+        (lambda: TrainConfig(lr=-1.0), "train.lr must be >= 0"),
+        (lambda: TrainConfig(beta2=1.0), "train.beta1 and train.beta2 must be in [0, 1)"),
+        (lambda: LoRASpec(dropout=1.5), "lora.dropout must be in [0, 1), got 1.5"),
+        (lambda: ChatData(max_len=-3), "data.max_len must be >= 2 tokens, got -3"),
+        (lambda: train_tokenizer([], 10**9, documents=["a"]), "vocab_size 1,000,000,000 is past"),
+        (lambda: train_tokenizer([], 300, documents=["a"], special_tokens=SpecialTokens(eos="")),
+         "special tokens must be non-empty strings"),
+        (lambda: prepare([], None, "/nonexistent", workers=0), "workers must be >= 1"),
+    ]
+    for make, message in cases:
+        with pytest.raises(ValueError) as e:
+            make()
+        assert message in str(e.value), (message, str(e.value))
+
+
+def test_eval_choices_with_undecodable_text_names_the_line(tmp_path, capsys, tiny):
+    bad = tmp_path / "mc.jsonl"
+    bad.write_bytes(b'{"question": "q", "choices": ["a", "b"], "answer": 0}\n{"question": "\xff", "choices": ["a", '
+                    b'"b"], "answer": 1}\n')
+    assert f"{bad}:2: invalid UTF-8" in fails(["eval", "--model", str(tiny / "m"), "--data", str(bad)], capsys)
+
+
+def test_plot_takes_a_killed_runs_partial_last_line_and_names_a_record_without_step(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    main(["plot", str(run_dir)])
+    assert "wrote" in capsys.readouterr().out
+    (run_dir / "metrics.jsonl").write_text('{"loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    assert f"{run_dir / 'metrics.jsonl'}:1: a record needs an integer 'step'" in fails(["plot", str(run_dir)], capsys)
+
+
+def test_ctrl_c_during_a_reply_stops_the_reply_not_the_chat(tiny):
+    from lmforge.chat import chat_loop
+
+    model, tok = lmforge.load(tiny / "m", device="cpu")
+    lines, said = iter(["the cat", "the mat", "/exit"]), []
+
+    def write(*a, **k):
+        if k.get("end") == "" and a and a[0] != " (stopped)" and not any("(stopped)" in s for s in said):
+            raise KeyboardInterrupt  # the first streamed piece: as if Ctrl-C came while it was printed
+        said.append("".join(map(str, a)))
+
+    history = chat_loop(model, tok, max_new_tokens=3, read=lambda _: next(lines), write=write)
+    assert " (stopped)" in said
+    assert [m["content"] for m in history if m["role"] == "user"] == ["the cat", "the mat"]

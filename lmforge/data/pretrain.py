@@ -483,6 +483,8 @@ def prepare(
     """
     if not (0.0 <= val_fraction <= 1.0 and shard_tokens > 0):
         raise ValueError(f"need 0 <= val_fraction <= 1 and shard_tokens > 0 (got {val_fraction}, {shard_tokens})")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1 (or unset: every core), got {workers}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok_hash = tokenizer.hash()
@@ -546,12 +548,19 @@ def _run_pool(jobs: list[_Job], workers: int, tokenizer_json: str, metas: dict[i
         else:
             os.environ["TOKENIZERS_PARALLELISM"] = env_was
     with pool:
-        for f in as_completed(futures):
-            if (err := f.exception()) is not None:
-                pool.shutdown(wait=True, cancel_futures=True)  # parts already running finish and commit
-                raise err
-            metas[futures[f].part.index] = f.result()
-            bar.update(futures[f].part.nbytes)
+        try:
+            for f in as_completed(futures):
+                if (err := f.exception()) is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)  # parts already running finish and commit
+                    raise err
+                metas[futures[f].part.index] = f.result()
+                bar.update(futures[f].part.nbytes)
+        except KeyboardInterrupt:  # Ctrl-C: stop now; a part is committed whole or not at all, so a rerun resumes
+            workers = list(getattr(pool, "_processes", {}).values())
+            pool.shutdown(wait=False, cancel_futures=True)
+            for p in workers:
+                p.terminate()
+            raise
 
 
 def _merge_counts(dicts: Any) -> dict[str, int]:

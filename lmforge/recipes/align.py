@@ -84,6 +84,10 @@ class AlignConfig:
             raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
         if self.reference not in ("auto", "copy", "precomputed"):
             raise ValueError(f"reference={self.reference!r} is not one of auto, copy, precomputed")
+        if not self.beta > 0:
+            raise ValueError(f"beta must be > 0 (a negative one trains towards the rejected answers), got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         from lmforge.recipes.pretrain import check_batch
 
         check_batch(self.batch_size, self.micro_batch_size, self.eval_batches)

@@ -46,6 +46,10 @@ class LoRASpec:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+
 
 @dataclass
 class ChatData:
@@ -64,6 +68,10 @@ class ChatData:
     max_len: int = 512
     pack: bool = False
     skip_bad_lines: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_len < 2:
+            raise ValueError(f"data.max_len must be >= 2 tokens, got {self.max_len}")
 
 
 @dataclass

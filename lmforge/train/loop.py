@@ -106,6 +106,11 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "stop_at", "warmup_steps", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"train.lr must be >= 0 and train.min_lr_ratio in [0, 1], got {self.lr} and "
+                             f"{self.min_lr_ratio}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"train.beta1 and train.beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
         if self.schedule == "step" and self.step_size < 1:
             raise ValueError(f"train.step_size must be >= 1, got {self.step_size}")
 
