@@ -47,7 +47,8 @@ def chat_loop(model: Transformer, tokenizer: Any, system: str | None = None, max
             continue
         if ids is None:
             messages.pop()
-            write(f"(that message alone does not fit the context of {model.config.max_seq_len} tokens)")
+            alone = "the system prompt and that message" if base else "that message alone"
+            write(f"({alone} do{'' if base else 'es'} not fit the context of {model.config.max_seq_len} tokens)")
             continue
         reply = ""
         try:

@@ -254,3 +254,11 @@ def test_ctrl_c_during_a_reply_stops_the_reply_not_the_chat(tiny):
     history = chat_loop(model, tok, max_new_tokens=3, read=lambda _: next(lines), write=write)
     assert " (stopped)" in said
     assert [m["content"] for m in history if m["role"] == "user"] == ["the cat", "the mat"]
+
+
+def test_a_run_folder_given_as_the_model_points_at_its_model(tmp_path, capsys, tiny):
+    import shutil
+
+    shutil.copytree(tiny / "m", tmp_path / "run" / "model")
+    err = fails(["generate", "--model", str(tmp_path / "run"), "--prompt", "the"], capsys)
+    assert f"no config.json — not a model folder (a run folder: its model is {tmp_path / 'run' / 'model'})" in err

@@ -145,7 +145,8 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None,
 
     cfg_path = path / "config.json"
     if not cfg_path.exists():
-        raise CheckpointError(f"{path}: no config.json — not a model folder")
+        hint = f" (a run folder: its model is {path / 'model'})" if (path / "model" / "config.json").is_file() else ""
+        raise CheckpointError(f"{path}: no config.json — not a model folder{hint}")
     hf = _read_json(cfg_path)
     config = _config(hf, str(cfg_path))
     family = "lmforge" if "lmforge" in hf and hf.get("model_type") not in FAMILIES else hf.get("model_type")

@@ -275,6 +275,8 @@ def fit(
     writer = None
     metrics_file = None
     if is_main:
+        if state is not None:  # resumed: the steps logged after the checkpoint are run, and logged, again
+            _drop_metrics_after(run_dir / "metrics.jsonl", start)
         metrics_file = open(run_dir / "metrics.jsonl", "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -387,6 +389,26 @@ def fit(
     if metrics_file is not None:
         metrics_file.close()
     return FitResult(end, losses, last_eval, run_dir)
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Keeps the records of steps <= `step` (atomically): the steps a stopped run logged after its last checkpoint
+    are redone on resume and would otherwise appear twice."""
+    if not path.is_file():
+        return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+    keep = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a partial last line of a killed run
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(keep), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def _to_host(values: list[Any], dtype: torch.dtype = torch.float64) -> list[float]:

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,3 +153,15 @@ def test_no_weight_decay_on_norms_biases_embeddings():
                for p in decay["params"])
     assert {"tok_emb.weight", "pos_emb.weight", "norm.bias", "layers.0.attn.qkv.bias"} <= {
         names[id(p)] for p in no_decay["params"]}
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+    """A run stopped at step 7 (last checkpoint: step 5) logged steps 6 and 7; resuming redoes them from the
+    checkpoint, and metrics.jsonl keeps one record per step (also after a killed run's partial last line)."""
+    run(tmp_path, 7, max_steps=10)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-7")  # as if killed after step 7, before its checkpoint
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "lo')
+    run(tmp_path, 10, resume=True, model=tiny_model(seed=123))
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 11))
