@@ -47,8 +47,8 @@ def chat_loop(model: Transformer, tokenizer: Any, system: str | None = None, max
             continue
         if ids is None:
             messages.pop()
-            alone = "the system prompt and that message" if base else "that message alone"
-            write(f"({alone} do{'' if base else 'es'} not fit the context of {model.config.max_seq_len} tokens)")
+            what = "the system prompt and that message do" if base else "that message alone does"
+            write(f"({what} not fit the context of {model.config.max_seq_len} tokens)")
             continue
         reply = ""
         try:
