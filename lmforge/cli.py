@@ -319,9 +319,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from lmforge.checkpoint import CheckpointError
     from lmforge.config import ConfigError
-    from lmforge.model import PlacementError
     from lmforge.train.distributed import DistributedError, shutdown
     from lmforge.train.loop import NonFiniteError
+    from lmforge.utils import PlacementError
 
     try:
         run(argv)

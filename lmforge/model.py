@@ -13,6 +13,7 @@ from lmforge import kernels
 from lmforge.config import ModelConfig
 from lmforge.kernels import HALF_GEMV
 from lmforge.train.losses import linear_cross_entropy
+from lmforge.utils import PlacementError
 
 
 def _hand_backward(*tensors: torch.Tensor) -> bool:
@@ -41,10 +42,6 @@ def _emulated_half() -> dict[torch.dtype, bool]:
 
 
 _EMULATED_HALF = _emulated_half()  # read once: a plain dict lookup in forward (also under torch.compile)
-
-
-class PlacementError(RuntimeError):
-    """The inputs and the parameters are on different devices or in different dtypes (the user's mix-up)."""
 
 
 class Linear(nn.Linear):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 _DTYPES = {
@@ -40,6 +43,29 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if backend is None or not getattr(backend, "is_available", lambda: False)():
             raise ValueError(f"device {str(device)!r} is not available here; use 'cpu'")
     return device
+
+
+class PlacementError(RuntimeError):
+    """The inputs and the parameters are on different devices or in different dtypes (the user's mix-up)."""
+
+
+@contextmanager
+def placement_errors(model: torch.nn.Module) -> Iterator[None]:
+    """Turns torch's device/dtype mismatch errors raised inside the block into a `PlacementError` that says
+    where the model's parameters are (the command line prints it as one line)."""
+    try:
+        yield
+    except RuntimeError as e:
+        msg = str(e)
+        if not any(s in msg.lower() for s in ("same device", "same dtype", "expected scalar type")):
+            raise
+        seen: dict[str, int] = {}
+        for p in model.parameters():
+            key = f"{p.device}/{str(p.dtype).removeprefix('torch.')}"
+            seen[key] = seen.get(key, 0) + 1
+        where = ", ".join(f"{k} ({n})" for k, n in seen.items())
+        raise PlacementError(f"device/dtype mix-up: parameters on {where}. Move the whole model with "
+                             f"model.to(...). ({msg.splitlines()[0]})") from e
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -71,7 +71,7 @@ def test_a_model_input_placement_mixup_is_one_line(monkeypatch, capsys, tiny):
     """A dtype mix-up the user caused (bf16 weights, a float mask passed along) surfaces as PlacementError,
     which the command line prints as one line."""
     from lmforge import cli
-    from lmforge.model import PlacementError
+    from lmforge.utils import PlacementError
 
     model, _ = lmforge.load(tiny / "m")
     model.layers[0].attn.qkv.weight.data = model.layers[0].attn.qkv.weight.data.double()

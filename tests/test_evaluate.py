@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lmforge
+from lmforge.data.labels import IGNORE
 from lmforge.evaluate import choice_logprobs, multiple_choice, perplexity
 from lmforge.tokenizer import train_tokenizer
 
@@ -56,7 +57,7 @@ def _hf_choice_score(ref, tok, question: str, choice: str) -> float:
     """Sum of log-probs of the choice tokens from `transformers`' labels= loss with the question masked."""
     ctx, cont = tok.encode(question), tok.encode(" " + choice, add_bos=False)
     ids = torch.tensor([ctx + cont])
-    labels = torch.tensor([[-100] * len(ctx) + cont])
+    labels = torch.tensor([[IGNORE] * len(ctx) + cont])
     with torch.no_grad():
         return -ref(ids, labels=labels).loss.item() * len(cont)
 

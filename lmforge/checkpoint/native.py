@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from lmforge.checkpoint.atomic import atomic_folder
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.checkpoint.hf import FAMILIES, from_hf, to_hf
 from lmforge.config import ConfigError, ModelConfig, from_hf_config, hf_model_type, to_hf_config
@@ -178,30 +175,6 @@ def _config(hf: dict[str, Any], source: str) -> ModelConfig:
         return from_hf_config(hf, source)
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{source}: {e}" if source not in str(e) else str(e)) from None
-
-
-@contextmanager
-def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary sibling folder; on success it replaces `folder` in one rename, on error it is
-    removed and `folder` is left as it was."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = folder.with_name(f".{folder.name}.old-{uuid.uuid4().hex[:8]}")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _shards(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from lmforge.data.errors import DataError
+from lmforge.data.labels import IGNORE
 from lmforge.data.pretrain import SeededOrder
 from lmforge.data.sft import (
     Example,
@@ -24,7 +25,6 @@ from lmforge.data.sft import (
     truncate,
 )
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.losses import IGNORE
 
 Pair = tuple[Example, Example]  # (chosen, rejected)
 

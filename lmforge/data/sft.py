@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from lmforge.data.errors import DataError
+from lmforge.data.labels import IGNORE
 from lmforge.data.pretrain import SeededOrder
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.losses import IGNORE
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels): aligned, IGNORE where no loss
 Message = dict[str, str]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lmforge.checkpoint import save
+from lmforge.data.labels import IGNORE
 from lmforge.lora import disable_adapters, lora_modules, merge_lora, save_adapter
 from lmforge.recipes.common import ModelSpec, save_final, start_finetune
 from lmforge.recipes.sft import LoRASpec, _to, lora_hooks, setup_lora
@@ -169,7 +170,7 @@ def _keys(batch: dict) -> list[bytes]:
     for i in range(b):
         rows = []
         for r in (i, i + b):
-            n = int((y[r] != -100).nonzero().max()) + 1 if (y[r] != -100).any() else x.shape[1]
+            n = int((y[r] != IGNORE).nonzero().max()) + 1 if (y[r] != IGNORE).any() else x.shape[1]
             rows.append(x[r, :n].numpy().tobytes())
         keys.append(b"|".join(rows))
     return keys

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.checkpoint import save
+from lmforge.data.labels import IGNORE
 from lmforge.lora import (
     DEFAULT_TARGETS,
     apply_lora,
@@ -25,7 +26,6 @@ from lmforge.lora import (
 )
 from lmforge.recipes.common import ModelSpec, model_hooks, save_final, start_finetune
 from lmforge.train.loop import FitResult, TrainConfig, fit
-from lmforge.train.losses import IGNORE
 
 
 @dataclass
@@ -245,6 +245,6 @@ def _micro(batch: dict, i: int, micro: int, device) -> dict:
     """Rows [i*micro, (i+1)*micro) of a rank's batch, with their own count of labelled tokens."""
     rows = slice(i * micro, (i + 1) * micro)
     out = {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
-    out["n"] = int((out["y"] != -100).sum())
+    out["n"] = int((out["y"] != IGNORE).sum())
     out["tokens"] = out["x"].numel()  # positions processed, for the tokens/s figure
     return _to(out, device)

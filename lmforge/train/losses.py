@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmforge.data.labels import IGNORE
 from lmforge.kernels import fused_on, matmul
-
-IGNORE = -100  # label of a position that does not count (prompt, padding)
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -116,7 +116,7 @@ def test_loss_and_gradients_match_transformers(family, tmp_path):
     hand-written backward passes (RMSNorm, SwiGLU) — against transformers' autograd, parameter by parameter."""
     from lmforge.checkpoint.hf import to_hf
     from lmforge.config import hf_model_type
-    from lmforge.train.losses import IGNORE
+    from lmforge.data.labels import IGNORE
 
     ref = hf_model(family)  # eval mode: no dropout; gradients still flow
     ref.save_pretrained(tmp_path / "hf")

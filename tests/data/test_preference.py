@@ -11,10 +11,10 @@ import torch
 from lmforge.data import demo_tasks
 from lmforge.data.demo import arithmetic
 from lmforge.data.errors import DataError
+from lmforge.data.labels import IGNORE
 from lmforge.data.preference import PreferenceDataset, load_preferences
 from lmforge.data.sft import encode_chat
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.losses import IGNORE
 from tests.data.test_sft import ROOT, make_tok, runs, write_jsonl
 
 HISTORY = [

@@ -16,10 +16,11 @@ from lmforge.config import ModelConfig
 from lmforge.data import demo_tasks
 from lmforge.data.demo import arithmetic
 from lmforge.data.errors import DataError
+from lmforge.data.labels import IGNORE
 from lmforge.data.sft import SFTDataset, encode_chat, eval_prompts, load_sft, pack_rows, render_chat
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer, train_tokenizer
-from lmforge.train.losses import IGNORE, next_token_loss
+from lmforge.train.losses import next_token_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = "the kettle holds litres of water and boils in four minutes what is how many 1.7 中文 答案 🙂".split()

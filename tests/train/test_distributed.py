@@ -19,10 +19,11 @@ import yaml
 
 from lmforge.checkpoint import load, load_weights, write_model_folder
 from lmforge.config import ModelConfig
+from lmforge.data.labels import IGNORE
 from lmforge.model import Transformer
 from lmforge.train.distributed import DistributedError, init_distributed
 from lmforge.train.loop import TrainConfig, checkpoints, fit
-from lmforge.train.losses import IGNORE, next_token_loss
+from lmforge.train.losses import next_token_loss
 
 CFG = ModelConfig.from_preset("tiny-llama", vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
 GLOBAL_BATCH, MICRO = 8, 2  # rows per optimizer step (all processes together), rows per forward/backward
