@@ -1,26 +1,31 @@
-"""LoRA: unchanged output at init, merge == unmerged, only adapters train, PEFT round trip both ways."""
+"""LoRA: unchanged output at init, merge == unmerged, only adapters train (PEFT files: tests/checkpoint)."""
 
 import pytest
 import torch
 
 import lmforge
-from lmforge.lora import apply_lora, disable_adapters, load_adapter, lora_modules, merge_lora, save_adapter
+from lmforge.lora import apply_lora, disable_adapters, lora_modules, merge_lora
 from tests.fixtures.hf_models import VOCAB, hf_model
+
+
+def loaded_pair(tmp):
+    """(an lmforge model, the transformers model it was loaded from, `tmp`): the same weights."""
+    ref = hf_model("llama-gqa")
+    ref.save_pretrained(tmp / "hf")
+    model, _ = lmforge.load(tmp / "hf", device="cpu")
+    return model, ref, tmp
 
 
 @pytest.fixture()
 def pair(tmp_path):
-    ref = hf_model("llama-gqa")
-    ref.save_pretrained(tmp_path / "hf")
-    model, _ = lmforge.load(tmp_path / "hf", device="cpu")
-    return model, ref, tmp_path
+    return loaded_pair(tmp_path)
 
 
-def _ids():
+def random_ids():
     return torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(3))
 
 
-def _randomize_b(model):
+def randomize_b(model):
     torch.manual_seed(1)
     with torch.no_grad():
         for m in lora_modules(model).values():
@@ -29,13 +34,13 @@ def _randomize_b(model):
 
 def test_init_is_identity_and_merge_matches(pair):
     model, _, _ = pair
-    ids = _ids()
+    ids = random_ids()
     with torch.no_grad():
         before = model(ids)
         apply_lora(model, r=4, alpha=8, targets=("qkv", "out", "gate_up", "down"))
         assert len(lora_modules(model)) == 4 * model.config.n_layers
         torch.testing.assert_close(model(ids), before, atol=0, rtol=0)
-        _randomize_b(model)
+        randomize_b(model)
         adapted = model(ids)
         assert not torch.allclose(adapted, before)
         with disable_adapters(model):
@@ -48,7 +53,7 @@ def test_init_is_identity_and_merge_matches(pair):
 def test_only_adapters_receive_gradients(pair):
     model, _, _ = pair
     apply_lora(model, r=2, alpha=4)
-    logits = model(_ids())
+    logits = model(random_ids())
     logits.float().pow(2).mean().backward()
     for name, p in model.named_parameters():
         if "lora_" in name:
@@ -57,36 +62,7 @@ def test_only_adapters_receive_gradients(pair):
             assert not p.requires_grad and p.grad is None, name
 
 
-def test_peft_loads_our_adapter(pair):
-    from peft import PeftModel
-
-    model, ref, tmp = pair
-    apply_lora(model, r=4, alpha=8)
-    _randomize_b(model)
-    save_adapter(model, tmp / "adapter")
-    peft_model = PeftModel.from_pretrained(ref, tmp / "adapter").eval()
-    ids = _ids()
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), peft_model(ids).logits, atol=1e-4, rtol=1e-4)
-
-
-def test_we_load_a_peft_adapter(pair):
-    from peft import LoraConfig, get_peft_model
-
-    model, ref, tmp = pair
-    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"], init_lora_weights=False)
-    peft_model = get_peft_model(ref, cfg).eval()  # random A and B, each module its own A
-    peft_model.save_pretrained(tmp / "peft")
-    load_adapter(model, tmp / "peft")
-    ids = _ids()
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids), peft_model(ids).logits, atol=1e-4, rtol=1e-4)
-
-
-def test_bad_targets_and_folders(pair, tmp_path):
+def test_bad_targets(pair):
     model, _, _ = pair
     with pytest.raises(ValueError, match="match no linear layer"):
         apply_lora(model, targets=("nothing",))
-    with pytest.raises(lmforge.CheckpointError, match="not a LoRA adapter folder"):
-        load_adapter(model, tmp_path)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from gguf import (
 from gguf.quants import dequantize, quant_shape_to_byte_shape, quantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from lmforge.checkpoint.atomic import atomic_file
 from lmforge.checkpoint.errors import CheckpointError
 
 _MAGIC = b"GGUF"
@@ -461,9 +460,7 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
     permute = family == "llama"
     state = to_hf({k: v.detach() for k, v in model.state_dict().items()}, family, c)  # views, any dtype
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_file(path) as tmp:
         w = GGUFWriter(str(tmp), family)
         w.add_type("model")
         w.add_name(name or path.stem)
@@ -516,12 +513,6 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
         for hf_name, g, kind in plan:
             w.write_tensor_data(_gguf_data(state[hf_name], g, kind, c, permute))
         w.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -120,12 +120,14 @@ FAMILIES: dict[str, Family] = {
 _LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
-def _template(key: str) -> tuple[str, str | None]:
+def key_template(key: str) -> tuple[str, str | None]:
+    """lmforge `key` as its table template (`layers.{i}.…`) and its layer number (None outside the layers)."""
     m = _LAYER.match(key)
     return (_LAYER.sub("layers.{i}.", key), m.group(1)) if m else (key, None)
 
 
-def _split_sizes(template: str, c: ModelConfig, n: int) -> list[int]:
+def split_sizes(template: str, c: ModelConfig) -> list[int]:
+    """The row sizes a fused tensor (QKV, gate-up) of `template` splits into, in its HF keys' order."""
     if template.startswith("layers.{i}.attn.qkv."):
         return [c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.n_kv_heads * c.head_dim]
     if template == "layers.{i}.mlp.gate_up.weight":
@@ -135,7 +137,7 @@ def _split_sizes(template: str, c: ModelConfig, n: int) -> list[int]:
 
 def hf_names(key: str, family: Family) -> tuple[str, ...]:
     """The HF tensor names that hold lmforge's `key`."""
-    template, i = _template(key)
+    template, i = key_template(key)
     if family.keys is None:  # lmforge's own names
         return (key,)
     if template not in family.keys:
@@ -153,7 +155,7 @@ def from_hf(expected: dict[str, torch.Size], get: Callable[[str], torch.Tensor],
     family = FAMILIES[family_name]
     out, used = {}, set()
     for key, shape in expected.items():
-        template, _ = _template(key)
+        template, _ = key_template(key)
         if key == "lm_head.weight" and c.tie_embeddings:
             continue
         names = hf_names(key, family)
@@ -186,10 +188,10 @@ def to_hf(state: dict[str, torch.Tensor], family_name: str, c: ModelConfig) -> d
     for key, t in state.items():
         if key == "lm_head.weight" and c.tie_embeddings:
             continue
-        template, _ = _template(key)
+        template, _ = key_template(key)
         if template in family.to_hf:
             t = family.to_hf[template](t, c)
         names = hf_names(key, family)
-        parts = t.split(_split_sizes(template, c, len(names)), dim=0) if len(names) > 1 else (t,)
+        parts = t.split(split_sizes(template, c), dim=0) if len(names) > 1 else (t,)
         out.update({n: p.contiguous() for n, p in zip(names, parts)})
     return out
