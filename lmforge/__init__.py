@@ -1,20 +1,24 @@
-"""lmforge: one small, fast, hackable PyTorch codebase for the whole life of a decoder-only LM."""
+"""lmforge: one small, fast, hackable PyTorch codebase for the whole life of a decoder-only LM.
 
-from lmforge.checkpoint import CheckpointError, load, save
-from lmforge.config import ModelConfig
-from lmforge.model import Transformer
+The public names load on first use (`lmforge.load`, `from lmforge import Transformer`), so importing one
+module, e.g. `lmforge.model`, imports only what that module needs."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "Transformer", "load", "save", "CheckpointError", "__version__"]
+
+_HOMES = {
+    "ModelConfig": "lmforge.config", "Transformer": "lmforge.model", "Tokenizer": "lmforge.tokenizer",
+    "load": "lmforge.checkpoint", "save": "lmforge.checkpoint", "CheckpointError": "lmforge.checkpoint",
+    "generate": "lmforge.generate",
+}
+__all__ = [*_HOMES, "__version__"]
 
 
-def __getattr__(name: str):  # heavier pieces load on first use
-    if name == "Tokenizer":
-        from lmforge.tokenizer import Tokenizer
-
-        return Tokenizer
-    if name == "generate":
-        from lmforge.generate import generate
-
-        return generate
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'lmforge' has no attribute {name!r}")
+    return getattr(importlib.import_module(_HOMES[name]), name)

@@ -14,12 +14,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from lmforge.data.errors import DataError
+from lmforge.kernels import accelerate
 from lmforge.model import Transformer
 
 
-def _no_cache(model: Transformer) -> None:
+def _ready(model: Transformer) -> None:
+    """Refuses a model with a KV cache set up; swaps the fast modules in (`kernels.accelerate`)."""
     if model.cache_len is not None:
         raise ValueError("the model has a KV cache set up; call model.clear_cache() before evaluating")
+    accelerate(model, training=False)
 
 
 @torch.inference_mode()
@@ -33,14 +36,14 @@ def perplexity(model: Transformer, tokenizer: Any, path_or_texts: str | os.PathL
     is predicted from the ones before it in that window (no context carries over), so a window of n tokens
     scores n - 1 — the same as `transformers`' `model(window, labels=window).loss`. `tokens` counts the scored
     tokens; `loss` is their mean negative log-likelihood in nats."""
-    _no_cache(model)
+    _ready(model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     seq_len = seq_len or model.config.max_seq_len
     if not 2 <= seq_len <= model.config.max_seq_len:
         raise ValueError(f"seq_len={seq_len} must be in [2, the model's context {model.config.max_seq_len}]")
     if isinstance(path_or_texts, (str, os.PathLike)):
-        from lmforge.data.pretrain import iter_documents
+        from lmforge.data.documents import iter_documents
 
         texts: Sequence[str] = [doc for doc, _ in iter_documents(path_or_texts)]
     else:
@@ -129,7 +132,7 @@ def multiple_choice(model: Transformer, tokenizer: Any, path: str | os.PathLike,
 
     The prediction is the choice with the highest summed log-prob (`choice_logprobs`); `accuracy_norm`
     divides each score by the choice's length in characters first (lm-evaluation-harness's acc_norm)."""
-    _no_cache(model)
+    _ready(model)
     path = Path(path)
     items = _read_choices(path)
     hits = hits_norm = 0

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from lmforge.kernels import load_half_gemv
+from lmforge.kernels import accelerate
 from lmforge.model import Transformer
+from lmforge.utils import placement_errors
 
 
 @dataclass
@@ -47,6 +48,7 @@ class GenerationConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        self.stop_ids, self.stop_strings = tuple(self.stop_ids), tuple(self.stop_strings)
 
 
 # ---- the steps ---------------------------------------------------------------------------------------------
@@ -129,6 +131,31 @@ def _compiled_step(device: torch.device) -> Callable[..., torch.Tensor]:
     return _COMPILED[device.type]
 
 
+def make_step(model: Transformer, compile: bool, key_valid: torch.Tensor, offsets: torch.Tensor | None,
+              prompt_len: int) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """The decode step of one generate() call: step(token (B, 1), pos (1,), t) -> logits (B, vocab), t the
+    steps taken before. key_valid (B, L) is False at pad slots; offsets (B, 1) the left-pad counts (None: no
+    padding). Eager, the step attends to the filled slots; compiled, to the whole cache with CUDA graphs
+    (fixed shapes) or to the filled slots with a dynamic length on CPU (one graph)."""
+    if not compile:
+        if offsets is None:
+            return lambda token, pos, t: decode_one_token(model, token, pos)
+        return lambda token, pos, t: decode_one_token(model, token, pos, key_valid[:, : prompt_len + t + 1], offsets)
+    compiled = _compiled_step(key_valid.device)
+
+    def step(token: torch.Tensor, pos: torch.Tensor, t: int) -> torch.Tensor:
+        valid = key_valid  # CUDA graphs need fixed shapes: the whole cache
+        if valid.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        elif valid.device.type == "cpu":  # one graph, dynamic in the number of filled slots
+            valid = key_valid[:, : prompt_len + t + 1]
+            torch._dynamo.maybe_mark_dynamic(valid, 1)
+        with _known_shapes() if t > 0 else contextlib.nullcontext():
+            return compiled(model, token, pos, valid, offsets)
+
+    return step
+
+
 def _known_shapes() -> Any:
     """Context for the compiled step's calls after the first of a generate() call: the same graph runs (same
     batch, cache, dtypes; only values change), so dynamo skips re-checking its ~300 tensor guards (parameters,
@@ -202,7 +229,7 @@ def _cache_len(model: Transformer, batch: int, need: int, compiled: bool) -> tup
     """Length of the cache to use and whether generation sets it up (and clears it after). A cache the
     caller set up (`model.setup_cache`) is reused when large enough: keeps compiled steps' buffers fixed."""
     have = model.cache_len
-    if have is not None and have >= need and model.layers[0].attn.cache.k.shape[0] >= batch:
+    if have is not None and have >= need and model.cache_batch >= batch:
         return have, False
     if compiled:  # few distinct shapes -> few recompiles
         need = min(model.config.max_seq_len, -(-need // 256) * 256)
@@ -230,9 +257,7 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
         stops |= {tokenizer.eos_id, *getattr(tokenizer, "stop_ids", ())} - {None}
     pad = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
     device = model.device
-    dtype = next(model.parameters(), torch.empty(0)).dtype
-    if device.type == "cpu" and B <= 8 and dtype in (torch.bfloat16, torch.float16):
-        load_half_gemv((dtype,))  # lmforge's one-row kernel, where this CPU emulates half matmuls
+    accelerate(model, training=False)  # the fast modules (a no-op after the first call but for the plan)
     pads = [P - len(p) for p in prompts]
     padded = any(pads)
     ids = torch.tensor([[pad] * n + list(p) for n, p in zip(pads, prompts)], device=device)  # (B, P)
@@ -241,7 +266,7 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
     if owns_cache:
         model.setup_cache(B, L)
     key_valid = torch.arange(L, device=device) >= offsets  # (B, L): False at pad slots
-    step = _compiled_step(device) if cfg.compile else decode_one_token
+    step = make_step(model, cfg.compile, key_valid, offsets if padded else None, P)
     generator = None if cfg.seed is None else torch.Generator(device=device).manual_seed(cfg.seed)
     seen = None
 
@@ -250,50 +275,38 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
             logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
         return sample(logits, cfg.temperature, cfg.top_k, cfg.top_p, cfg.min_p, generator)  # (B,)
 
-    try:
-        logits = prefill(model, ids, offsets if padded else None)  # (B, vocab)
-        if cfg.repetition_penalty != 1.0:
-            seen = torch.zeros_like(logits, dtype=torch.bool)  # (B, vocab)
-            for b, p in enumerate(prompts):
-                seen[b, torch.tensor(list(p), device=device)] = True
-        token = pick(logits)
-        pos = torch.tensor([P], device=device)  # (1,) the slot `token` goes to
-        done_mask = None
-        for t in range(n_new):
-            ready = _to_host(token)
-            if t + 1 < n_new:  # queue the next step before the host looks at this token (overlap on GPU)
-                if seen is not None:
-                    seen.scatter_(1, token[:, None], True)
-                if done_mask is not None:  # finished rows go on with pad; their output is already cut
-                    token = token.masked_fill(done_mask, pad)
-                filled = key_valid[:, : P + t + 1]  # attend only to the filled part of the cache
-                if cfg.compile:
-                    valid = key_valid  # CUDA graphs need fixed shapes: the whole cache
-                    if device.type == "cuda":
-                        torch.compiler.cudagraph_mark_step_begin()
-                    elif device.type == "cpu":  # one graph, dynamic in the number of filled slots
-                        valid = filled
-                        torch._dynamo.maybe_mark_dynamic(valid, 1)
-                    with _known_shapes() if t > 0 else contextlib.nullcontext():
-                        logits = step(model, token[:, None], pos, valid, offsets if padded else None)
-                elif padded:
-                    logits = step(model, token[:, None], pos, filled, offsets)
-                else:
-                    logits = step(model, token[:, None], pos)
-                pos += 1
-                token = pick(logits)
-            newly_done = False
-            for row, tok in zip(rows, ready()):
-                if not row.done:
-                    newly_done |= _accept(row, tok, stops, cfg.stop_strings, n_new)
-            yield rows
-            if all(r.done for r in rows):
-                break
-            if newly_done:
-                done_mask = torch.tensor([r.done for r in rows], device=device)
-    finally:
-        if owns_cache:
-            model.clear_cache()
+    with placement_errors(model):  # a device/dtype mix-up named in one line
+        try:
+            logits = prefill(model, ids, offsets if padded else None)  # (B, vocab)
+            if cfg.repetition_penalty != 1.0:
+                seen = torch.zeros_like(logits, dtype=torch.bool)  # (B, vocab)
+                for b, p in enumerate(prompts):
+                    seen[b, torch.tensor(list(p), device=device)] = True
+            token = pick(logits)
+            pos = torch.tensor([P], device=device)  # (1,) the slot `token` goes to
+            done_mask = None
+            for t in range(n_new):
+                ready = _to_host(token)
+                if t + 1 < n_new:  # queue the next step before the host looks at this token (overlap on GPU)
+                    if seen is not None:
+                        seen.scatter_(1, token[:, None], True)
+                    if done_mask is not None:  # finished rows go on with pad; their output is already cut
+                        token = token.masked_fill(done_mask, pad)
+                    logits = step(token[:, None], pos, t)
+                    pos += 1
+                    token = pick(logits)
+                newly_done = False
+                for row, tok in zip(rows, ready()):
+                    if not row.done:
+                        newly_done |= _accept(row, tok, stops, cfg.stop_strings, n_new)
+                yield rows
+                if all(r.done for r in rows):
+                    break
+                if newly_done:
+                    done_mask = torch.tensor([r.done for r in rows], device=device)
+        finally:
+            if owns_cache:
+                model.clear_cache()
 
 
 def _to_host(token: torch.Tensor) -> Callable[[], list[int]]:
@@ -331,17 +344,14 @@ def _accept(row: _Row, tok: int, stops: set[int], stop_strings: Sequence[str], n
 
 
 def generate(model: Transformer, prompt_ids: Sequence[int] | Sequence[Sequence[int]] | torch.Tensor,
-             max_new_tokens: int = 256,
-             *, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             min_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
-             stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (), tokenizer: Any = None,
-             compile: bool = False) -> list[list[int]]:
+             max_new_tokens: int = 256, *, tokenizer: Any = None, **options: Any) -> list[list[int]]:
     """New tokens for each prompt (one prompt of ids, a batch of them, or a (B, T) tensor): a list of lists.
+    `options`: the other `GenerationConfig` fields (temperature, top_k, top_p, min_p, repetition_penalty,
+    seed, stop_ids, stop_strings, compile).
 
     Stops a row at the tokenizer's eos or any `stop_ids` (the stop id is not returned), after the token that
     completes a stop string (returned), after `max_new_tokens`, or when prompt + output fills the context."""
-    cfg = GenerationConfig(max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed,
-                           tuple(stop_ids), tuple(stop_strings), compile)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, **options)
     if isinstance(prompt_ids, torch.Tensor):
         prompt_ids = prompt_ids.tolist()
     prompts = [prompt_ids] if prompt_ids and isinstance(prompt_ids[0], int) else prompt_ids

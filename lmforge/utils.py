@@ -50,9 +50,9 @@ class PlacementError(RuntimeError):
 
 
 @contextmanager
-def placement_errors(model: torch.nn.Module) -> Iterator[None]:
+def placement_errors(model: torch.nn.Module | None = None) -> Iterator[None]:
     """Turns torch's device/dtype mismatch errors raised inside the block into a `PlacementError` that says
-    where the model's parameters are (the command line prints it as one line)."""
+    where the model's parameters are, when given (the command line prints it as one line)."""
     try:
         yield
     except RuntimeError as e:
@@ -60,12 +60,12 @@ def placement_errors(model: torch.nn.Module) -> Iterator[None]:
         if not any(s in msg.lower() for s in ("same device", "same dtype", "expected scalar type")):
             raise
         seen: dict[str, int] = {}
-        for p in model.parameters():
+        for p in model.parameters() if model is not None else ():
             key = f"{p.device}/{str(p.dtype).removeprefix('torch.')}"
             seen[key] = seen.get(key, 0) + 1
-        where = ", ".join(f"{k} ({n})" for k, n in seen.items())
-        raise PlacementError(f"device/dtype mix-up: parameters on {where}. Move the whole model with "
-                             f"model.to(...). ({msg.splitlines()[0]})") from e
+        where = f"parameters on {', '.join(f'{k} ({n})' for k, n in seen.items())}. " if seen else ""
+        raise PlacementError(f"device/dtype mix-up: {where}Move the whole model with model.to(...). "
+                             f"({msg.splitlines()[0]})") from e
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

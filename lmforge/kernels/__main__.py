@@ -3,11 +3,11 @@ such process per kernel, at the same time)."""
 
 import sys
 
-from lmforge.kernels import _build, _build_args
+from lmforge.kernels.build import build, build_args
 
 if __name__ == "__main__":
     name = sys.argv[1]
-    args = _build_args(name)
+    args = build_args(name)
     if args is None:
         sys.exit(f"lmforge: {name} cannot be built here")
-    _build(name, *args)
+    build(name, *args)

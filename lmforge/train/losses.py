@@ -1,5 +1,6 @@
 """Losses as pure functions on logits / log-probabilities. Each returns a SUM over its units (tokens or
-pairs) so that the loop can normalise once over the whole global batch, whatever the micro-batching."""
+pairs) so that the loop can normalise once over the whole global batch, whatever the micro-batching. (The
+LM head's own loss, `model(ids, labels=...)`, is `model.LMHeadLoss`, blocked by `kernels.accelerate`.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.data.labels import IGNORE
-from lmforge.kernels import fused_on, matmul
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -16,73 +16,6 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     tensors (no host sync, so a compiled loss stays one graph)."""
     loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum")
     return loss, (labels != IGNORE).sum()
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of (hidden @ weight.T) against labels, a block of rows at a time: each block's
-    logits become their own gradient in place (softmax minus one-hot), which is multiplied into the
-    gradients of hidden and weight at once. The full (N, vocab) logits, their log-softmax and its gradient
-    never exist together — the largest tensors of a training step on a big vocabulary."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, rows):
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if want_h else None
-        empty = torch.empty_like if hidden.shape[0] else torch.zeros_like  # no rows: zero gradient
-        grad_w = empty(weight, dtype=torch.float32) if want_w else None
-        total = hidden.new_zeros((), dtype=torch.float32)
-        fused = hidden.device.type == "cpu" and labels.dtype == torch.long and fused_on()
-        w = weight.to(hidden.dtype)  # once, not per block (a no-op when the dtypes agree)
-        for s in range(0, hidden.shape[0], rows):
-            h, y = hidden[s:s + rows], labels[s:s + rows]
-            z = matmul(h, w.T).float()  # (rows, V)
-            want = grad_h is not None or grad_w is not None
-            # the block's loss; z becomes its gradient (fused: one row at a time, in cache)
-            total += torch.ops.lmforge.softmax_xent_(z, y, IGNORE).sum() if fused else _block_xent_(z, y, want)
-            if not want:
-                continue
-            g = z.to(hidden.dtype)
-            if grad_h is not None:
-                matmul(g, w, out=grad_h[s:s + rows])
-            if grad_w is not None:  # the first block writes, the others add
-                matmul(g.T.to(torch.float32), h.to(torch.float32), out=grad_w, beta=1.0 if s else 0.0)
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return (None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-                None if grad_w is None else (grad_w * grad_out).to(ctx.weight_dtype),
-                None, None)
-
-
-def _block_xent_(z: torch.Tensor, y: torch.Tensor, want_grad: bool) -> torch.Tensor:
-    """Summed cross-entropy of logits z (rows, V) against labels y (rows,); with want_grad, z becomes the
-    gradient of that sum in place (softmax minus one-hot, 0 where ignored)."""
-    z.sub_(z.amax(-1, keepdim=True)).exp_()  # exp(z - max)
-    denom = z.sum(-1, keepdim=True)  # (rows, 1)
-    keep = (y != IGNORE)[:, None]  # (rows, 1)
-    y = y.clamp_min(0)[:, None]
-    total = ((denom.log() - z.gather(-1, y).log()) * keep).sum()  # log-sum-exp - z_label
-    if want_grad:
-        z.mul_(keep / denom).scatter_add_(-1, y, -keep.to(z.dtype))
-    return total
-
-
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         block_logits: int = 1 << 23) -> tuple[torch.Tensor, torch.Tensor]:
-    """`next_token_loss(hidden @ weight.T, labels)` — the LM head and the loss in one — without holding the
-    (N, vocab) logits: hidden (..., dim), weight (vocab, dim), labels (...). Rows go through in blocks of
-    about `block_logits` logits. Under torch.compile (which fuses the plain form itself) it is the plain
-    form."""
-    hidden, labels = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
-    n = (labels != IGNORE).sum()
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled(hidden.device.type):
-        return next_token_loss((hidden @ weight.T)[None], labels[None])[0], n
-    rows = max(16, block_logits // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, labels, rows), n
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,11 +5,10 @@ import math
 import pytest
 import torch
 
+from lmforge.data.labels import IGNORE
 from lmforge.train.losses import (
-    IGNORE,
     dpo_loss,
     ipo_loss,
-    linear_cross_entropy,
     next_token_loss,
     orpo_loss,
     sequence_logprobs,
@@ -92,32 +91,3 @@ def test_answer_only_logits_give_the_same_loss():
     full, _ = next_token_loss(model(x), y)
     fast, _ = masked_lm_loss(model, {"x": x, "y": y})
     torch.testing.assert_close(fast, full)
-
-
-def test_linear_cross_entropy_by_hand():
-    # hidden [1, 0] and [0, 1], weight rows [0, 0, ln 2] in column 0 -> logits [0, 0, ln 2] then [0, 0, 0]
-    hidden = t([[1.0, 0.0], [0.0, 1.0], [3.0, 3.0]])
-    weight = t([[0.0, 0.0], [0.0, 0.0], [math.log(2), 0.0]])
-    loss, n = linear_cross_entropy(hidden, weight, t([2, 0, IGNORE]))
-    assert int(n) == 2
-    assert float(loss) == pytest.approx(-math.log(0.5) - math.log(1 / 3))
-
-
-@pytest.mark.parametrize("rows", [0, 1, 7, 64])
-def test_linear_cross_entropy_blocks_equal_the_full_logits(rows):
-    g = torch.Generator().manual_seed(0)
-    hidden = torch.randn(rows, 16, generator=g, requires_grad=True)
-    weight = torch.randn(50, 16, generator=g, requires_grad=True)
-    labels = torch.randint(0, 50, (rows,), generator=g)
-    labels[::3] = IGNORE
-    loss, n = linear_cross_entropy(hidden, weight, labels, block_logits=50 * 5)  # blocks of 5 rows
-    (loss * 0.5).backward()
-    grads = hidden.grad, weight.grad
-    hidden.grad = weight.grad = None
-    ref, ref_n = next_token_loss((hidden @ weight.T)[None], labels[None])
-    (ref * 0.5).backward()
-    assert int(n) == int(ref_n)
-    torch.testing.assert_close(loss, ref)
-    torch.testing.assert_close(grads, (hidden.grad, weight.grad))
-    with torch.no_grad():  # evaluation: no gradients kept, same value
-        torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels, block_logits=50 * 5)[0], ref)

