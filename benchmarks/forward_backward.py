@@ -20,6 +20,7 @@ import time
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.kernels import accelerate
 from lmforge.model import Transformer
 
 # ~20M parameters, LLaMA-style (GQA 8/4 heads)
@@ -32,7 +33,7 @@ def hf_pair(device: str):
 
     cfg = ModelConfig(**CONFIG)
     torch.manual_seed(0)
-    ours = Transformer(cfg).to(device)
+    ours = accelerate(Transformer(cfg).to(device))  # the fast modules, as `fit` swaps them in
     hf_cfg = tf.LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layers,
                             num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
                             intermediate_size=cfg.ffn_dim, max_position_embeddings=cfg.max_seq_len,

@@ -17,8 +17,14 @@ def test_preset_parameter_count_matches_published(name):
 
 def test_every_preset_builds():
     for name in PRESETS:
+        c = ModelConfig.from_preset(name)
         with torch.device("meta"):
-            Transformer(ModelConfig.from_preset(name))
+            model = Transformer(c)
+        assert len(model.layers) == c.n_layers and model.tok_emb.weight.shape == (c.vocab_size, c.dim), name
+        qkv = model.layers[0].attn.qkv.weight
+        assert qkv.shape == ((c.n_heads + 2 * c.n_kv_heads) * c.head_dim, c.dim), name
+        assert (model.lm_head.weight is model.tok_emb.weight) == c.tie_embeddings, name
+        assert all(p.is_meta for p in model.parameters()), name
 
 
 @pytest.mark.parametrize("kwargs, message", [
