@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lmforge.data.pretrain import iter_documents, prepare, resolve_sources
+from lmforge.data.documents import iter_documents, resolve_sources
+from lmforge.data.prepare import prepare
 from lmforge.tokenizer import train_tokenizer
 
 
@@ -88,7 +89,7 @@ def main() -> None:
         print(f"corpus: {args.mb} MiB in {args.files} files ({time.perf_counter() - t:.1f}s to write)")
         t = time.perf_counter()
         sample = [doc for doc, _ in iter_documents(files[0])][:2000]
-        tok = train_tokenizer([], args.vocab, documents=sample)
+        tok = train_tokenizer(sample, args.vocab)
         t = time.perf_counter() - t
         print(f"tokenizer: vocab {tok.vocab_size} trained on {len(sample)} docs ({t:.1f}s)")
 

@@ -56,7 +56,7 @@ def write_model(folder: Path, random_init: bool) -> None:
         from lmforge.tokenizer import train_tokenizer
 
         records = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
-        tokenizer = train_tokenizer([], 2048, documents=(r["prompt"] + " " + r["response"] for r in records))
+        tokenizer = train_tokenizer((r["prompt"] + " " + r["response"] for r in records), 2048)
         torch.manual_seed(0)
         model = Transformer(ModelConfig.from_preset("smollm2-135m"))
     else:

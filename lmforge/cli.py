@@ -177,19 +177,19 @@ def run(argv: list[str] | None = None) -> None:
             if name == cmd:
                 __import__(module, fromlist=["run"]).run(_build(cls, a))
     elif cmd == "tokenizer":
-        from lmforge.data.pretrain import resolve_sources
+        from lmforge.data.documents import iter_texts
         from lmforge.tokenizer import SpecialTokens, train_tokenizer
 
         t = a.train
         if t.add_bos and not t.bos:
             raise ValueError("--add-bos needs a bos token: give --bos (e.g. --bos '<s>')")
         specials = SpecialTokens(eos=t.eos, pad=t.pad, bos=t.bos, extra=tuple(t.extra_tokens))
-        tok = train_tokenizer(resolve_sources(t.files), t.vocab_size, min_frequency=t.min_frequency,
+        tok = train_tokenizer(iter_texts(t.files), t.vocab_size, min_frequency=t.min_frequency,
                               special_tokens=specials, add_bos=t.add_bos)
         tok.save(t.out)
         print(f"wrote {t.out} ({tok.vocab_size} tokens)")
     elif cmd == "prepare":
-        from lmforge.data.pretrain import prepare
+        from lmforge.data.prepare import prepare
         from lmforge.tokenizer import Tokenizer
 
         m = prepare(a.sources, Tokenizer.from_folder(a.tokenizer), a.out, val_fraction=a.val_fraction,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -261,21 +262,23 @@ class Tokenizer:
 
 
 def train_tokenizer(
-    files: Sequence[str | Path],
+    documents: Iterable[str],
     vocab_size: int,
     *,
     min_frequency: int = 2,
     special_tokens: SpecialTokens | None = None,
-    documents: Iterable[str] | None = None,
     add_bos: bool = False,
 ) -> Tokenizer:
-    """Train a byte-level BPE tokenizer on the documents of `files` and/or an iterable of `documents`.
+    """Train a byte-level BPE tokenizer on `documents` (texts; read once, so a generator is fine).
 
-    `files` are files, globs or folders of .txt/.jsonl/.parquet, read exactly as `lmforge prepare` reads them.
-    GPT-2 regex pre-tokenizer, digits split one by one, all 256 bytes in the alphabet (any string encodes; no
-    unk token), no normalizer (lossless). `add_bos` needs `special_tokens.bos`; it also goes into
+    To train on files, pass `lmforge.data.documents.iter_texts(sources)`, which reads them as `lmforge prepare`
+    does. GPT-2 regex pre-tokenizer, digits split one by one, all 256 bytes in the alphabet (any string encodes;
+    no unk token), no normalizer (lossless). `add_bos` needs `special_tokens.bos`; it also goes into
     tokenizer.json's post-processor so that tools reading only that file add bos too.
     """
+    if isinstance(documents, (str, bytes, os.PathLike)):  # iterating it would train on its characters
+        raise TypeError("train_tokenizer takes an iterable of texts, not one text or path; read files with "
+                        "lmforge.data.documents.iter_texts")
     sp = special_tokens or SpecialTokens()
     if min_frequency < 0:
         raise ValueError(f"min_frequency must be >= 0, got {min_frequency}")
@@ -298,18 +301,7 @@ def train_tokenizer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=sp.all(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-
-    def docs() -> Iterator[str]:
-        if files:
-            from lmforge.data.pretrain import iter_documents, resolve_sources  # lazy: it imports this module
-
-            for f in resolve_sources(files):
-                for doc, _ in iter_documents(f):
-                    yield doc
-        if documents is not None:
-            yield from documents
-
-    backend.train_from_iterator(docs(), trainer=trainer)
+    backend.train_from_iterator(documents, trainer=trainer)
     if add_bos and sp.bos is not None:
         bos = [(sp.bos, backend.token_to_id(sp.bos))]
         backend.post_processor = processors.TemplateProcessing(

@@ -25,7 +25,7 @@ PROMPT = "The cat"
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
     """A tiny random llama-family model with a byte-level BPE tokenizer, saved as a model folder."""
-    tok = train_tokenizer([], 300, documents=TEXTS * 3)
+    tok = train_tokenizer(TEXTS * 3, 300)
     torch.manual_seed(0)
     config = lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size, max_seq_len=64, init_std=0.2)
     return lmforge.save(lmforge.Transformer(config).eval(), tok, tmp_path_factory.mktemp("cli") / "model")

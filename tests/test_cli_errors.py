@@ -7,6 +7,7 @@ import torch
 import lmforge
 from lmforge.cli import _build, _parser, main
 from lmforge.config import ModelConfig
+from lmforge.data.documents import iter_texts
 from lmforge.model import Transformer
 from lmforge.recipes.pretrain import PretrainConfig
 from lmforge.tokenizer import Tokenizer, train_tokenizer
@@ -27,7 +28,7 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     text = d / "c.txt"
     text.write_text("".join(f"the cat sat on mat {i} 中文\n" for i in range(60)), encoding="utf-8")
-    tok = train_tokenizer([text], 300)
+    tok = train_tokenizer(iter_texts([text]), 300)
     cfg = ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2,
                                   n_kv_heads=1, ffn_dim=64, max_seq_len=64)
     torch.manual_seed(0)
@@ -126,7 +127,7 @@ def test_an_unknown_recipe_key_is_named(tmp_path, capsys, tiny):
 
 
 def test_prepare_writes_shards_a_second_run_reuses(tmp_path, capsys, tiny):
-    from lmforge.data.pretrain import Manifest
+    from lmforge.data.prepare import Manifest
 
     argv = ["prepare", str(tiny / "c.txt"), "--tokenizer", str(tiny / "m"), "--out", str(tmp_path / "data")]
     main(argv)
@@ -199,7 +200,7 @@ def test_undecodable_text_is_a_clear_error_and_the_chat_goes_on(tiny):
 
 
 def test_more_nonsense_values_are_named():
-    from lmforge.data.pretrain import prepare
+    from lmforge.data.prepare import prepare
     from lmforge.recipes.align import AlignConfig
     from lmforge.recipes.sft import ChatData, LoRASpec
     from lmforge.tokenizer import SpecialTokens
@@ -212,8 +213,8 @@ def test_more_nonsense_values_are_named():
         (lambda: TrainConfig(beta2=1.0), "train.beta1 and train.beta2 must be in [0, 1)"),
         (lambda: LoRASpec(dropout=1.5), "lora.dropout must be in [0, 1), got 1.5"),
         (lambda: ChatData(max_len=-3), "data.max_len must be >= 2 tokens, got -3"),
-        (lambda: train_tokenizer([], 10**9, documents=["a"]), "vocab_size 1,000,000,000 is past"),
-        (lambda: train_tokenizer([], 300, documents=["a"], special_tokens=SpecialTokens(eos="")),
+        (lambda: train_tokenizer(["a"], 10**9), "vocab_size 1,000,000,000 is past"),
+        (lambda: train_tokenizer(["a"], 300, special_tokens=SpecialTokens(eos="")),
          "special tokens must be non-empty strings"),
         (lambda: prepare([], None, "/nonexistent", workers=0), "workers must be >= 1"),
     ]

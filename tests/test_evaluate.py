@@ -20,7 +20,7 @@ def setup(tmp_path_factory):
     """A tiny random llama-family model over a byte-level tokenizer, and the same weights in `transformers`."""
     import transformers as tf
 
-    tok = train_tokenizer([], 300, documents=TEXTS * 3)
+    tok = train_tokenizer(TEXTS * 3, 300)
     torch.manual_seed(0)
     config = lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size, max_seq_len=64, init_std=0.2)
     model = lmforge.Transformer(config).eval()

@@ -25,7 +25,7 @@ DOCS = [f"Document {i}: the {animal} number {i % 7} sat on the {thing}." for i i
 def continued(tmp_path_factory):
     """(init folder, the init model, the run folder, the fit result) of a 3-step continued pretraining run."""
     root = tmp_path_factory.mktemp("continued")
-    tok = train_tokenizer([], 300, documents=DOCS)
+    tok = train_tokenizer(DOCS, 300)
     torch.manual_seed(7)  # not the run's seed (0): a model built afresh by the recipe would differ
     config = lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size, dim=32, n_layers=2,
                                              n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64, init_std=0.1)
@@ -101,7 +101,7 @@ def test_a_finished_run_is_not_overwritten_without_resume(continued, capsys):
 
 def test_prepared_data_of_another_tokenizer_is_refused(continued, tmp_path):
     _, _, out, _, cfg = continued
-    other = train_tokenizer([], 280, documents=DOCS[::-1])
+    other = train_tokenizer(DOCS[::-1], 280)
     other.save(tmp_path / "tok")
     bad = PretrainConfig(out_dir=str(tmp_path / "run"), model=cfg.model, batch_size=BATCH, eval_batches=0,
                          data=PretrainData(prepared=str(out / "data"), tokenizer=str(tmp_path / "tok"),

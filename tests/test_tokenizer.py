@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from lmforge.data.documents import iter_texts
 from lmforge.tokenizer import SpecialTokens, Tokenizer, train_tokenizer
 
 CORPUS = [
@@ -47,7 +48,7 @@ def corpus_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def tok(corpus_files: list[Path]) -> Tokenizer:
-    return train_tokenizer(corpus_files, vocab_size=420, min_frequency=2)
+    return train_tokenizer(iter_texts(corpus_files), vocab_size=420, min_frequency=2)
 
 
 def test_train_specials_and_digits(tok: Tokenizer) -> None:
@@ -65,7 +66,7 @@ def test_train_parquet(tmp_path: Path) -> None:
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": CORPUS}), tmp_path / "c.parquet")
-    t = train_tokenizer([tmp_path / "c.parquet"], vocab_size=300)
+    t = train_tokenizer(iter_texts([tmp_path / "c.parquet"]), vocab_size=300)
     assert t.decode(t.encode(CORPUS[2])) == CORPUS[2]
 
 
@@ -159,7 +160,7 @@ def test_transformers_parity(corpus_files: list[Path], tmp_path: Path, with_bos:
     """AutoTokenizer reads our folder and gives the same ids, text and chat template output."""
     transformers = pytest.importorskip("transformers")
     sp = SpecialTokens(bos="<|bos|>") if with_bos else SpecialTokens()
-    tok = train_tokenizer(corpus_files, vocab_size=400, special_tokens=sp, add_bos=with_bos)
+    tok = train_tokenizer(iter_texts(corpus_files), vocab_size=400, special_tokens=sp, add_bos=with_bos)
     tok.save(tmp_path)
     loaded = Tokenizer.from_folder(tmp_path)
     assert loaded.add_bos == with_bos and loaded.hash() == tok.hash()

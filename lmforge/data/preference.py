@@ -12,7 +12,7 @@ import torch
 
 from lmforge.data.errors import DataError
 from lmforge.data.labels import IGNORE
-from lmforge.data.pretrain import SeededOrder
+from lmforge.data.order import SeededOrder
 from lmforge.data.sft import (
     Example,
     LoadStats,

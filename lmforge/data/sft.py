@@ -17,7 +17,7 @@ import torch
 
 from lmforge.data.errors import DataError
 from lmforge.data.labels import IGNORE
-from lmforge.data.pretrain import SeededOrder
+from lmforge.data.order import SeededOrder
 from lmforge.tokenizer import Tokenizer
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels): aligned, IGNORE where no loss

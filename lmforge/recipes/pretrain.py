@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.pretrain import PackedDataset, prepare
+from lmforge.data.prepare import prepare
+from lmforge.data.pretrain import PackedDataset
 from lmforge.recipes.common import (
     ModelSpec,
     build_model,
@@ -88,7 +89,7 @@ def prepare_tokens(cfg: PretrainConfig, tokenizer: Tokenizer | None, build: bool
     if d.prepared and not d.sources:
         if tokenizer is None:
             raise ValueError("data.prepared needs data.tokenizer (or model.init_from with a tokenizer)")
-        from lmforge.data.pretrain import Manifest
+        from lmforge.data.prepare import Manifest
 
         made_with = Manifest.load(d.prepared).tokenizer_hash
         if made_with != tokenizer.hash():  # its ids mean other tokens (or none) to this tokenizer
@@ -102,9 +103,9 @@ def prepare_tokens(cfg: PretrainConfig, tokenizer: Tokenizer | None, build: bool
         tokenizer = Tokenizer.from_folder(out / "tokenizer")  # made by rank 0, or by the run being resumed
     if tokenizer is None:
         print(f"training a {d.vocab_size}-token byte-level BPE tokenizer on {len(d.sources)} source(s)")
-        from lmforge.data.pretrain import resolve_sources
+        from lmforge.data.documents import iter_texts
 
-        tokenizer = train_tokenizer(resolve_sources(d.sources), d.vocab_size)
+        tokenizer = train_tokenizer(iter_texts(d.sources), d.vocab_size)
         tokenizer.save(out / "tokenizer")
     data_dir = Path(d.prepared) if d.prepared else out / "data"
     if not build:

@@ -32,7 +32,7 @@ PROBES = [*TEXTS, "the cat 1234 sat", "<|im_start|>user\nhi<|im_end|>\n"]
 def pair():
     """A tiny llama (GQA; ffn 80: its down projection's rows of 80 split into no q8_0 blocks) and lmforge's own
     tokenizer (digits split one by one, ChatML template, bos added); the embedding has 7 rows more than tokens."""
-    tok = train_tokenizer([], 300, documents=CORPUS, special_tokens=SpecialTokens(bos="<s>"), add_bos=True)
+    tok = train_tokenizer(CORPUS, 300, special_tokens=SpecialTokens(bos="<s>"), add_bos=True)
     torch.manual_seed(0)
     config = lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size + 7, ffn_dim=80, max_seq_len=64,
                                              rope_theta=50000.0, norm_eps=1e-6, init_std=0.2)
@@ -123,7 +123,7 @@ def test_qwen2_architecture(pair, tmp_path: Path) -> None:
 
 
 def test_tied_embeddings_write_no_output_tensor(tmp_path: Path) -> None:
-    tok = train_tokenizer([], 280, documents=CORPUS)
+    tok = train_tokenizer(CORPUS, 280)
     config = lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size, tie_embeddings=True)
     model = lmforge.Transformer(config).eval()
     path = write_gguf(model, tok, tmp_path / "tied.gguf", "f32")

@@ -35,7 +35,7 @@ SMOL_TEMPLATE = (  # SmolLM2-Instruct's: adds a default system prompt when the c
 def make_tok() -> Tokenizer:
     rng = np.random.default_rng(0)
     docs = [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 30)))) for _ in range(200)]
-    return train_tokenizer([], vocab_size=360, documents=docs)
+    return train_tokenizer(docs, vocab_size=360)
 
 
 def runs(ids: list[int] | torch.Tensor, labels: list[int] | torch.Tensor, tok: Tokenizer) -> list[str]:
