@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,21 @@ def _build(cls: type, ns: Any) -> Any:
     return cfg
 
 
+def _recipes() -> dict[str, tuple[type, Callable[[Any], Any], str, str]]:
+    """The recipe commands: (config dataclass, run function, description, one-line help)."""
+    from lmforge.recipes import align, pretrain, sft
+
+    return {
+        "pretrain": (pretrain.PretrainConfig, pretrain.run, "Pretrain from scratch or continue from a checkpoint.",
+                     "pretrain or continue pretraining"),
+        "sft": (sft.SFTConfig, sft.run, "Supervised fine-tuning on Q&A, full or LoRA.",
+                "Supervised fine-tuning on Q&A, full or LoRA."),
+        "align": (align.AlignConfig, align.run, "Preference alignment: DPO, IPO, SimPO, ORPO.",
+                  "Preference alignment: DPO, IPO, SimPO, ORPO."),
+    }
+
+
 def _parser() -> ArgumentParser:
-    from lmforge.recipes.pretrain import PretrainConfig
     from lmforge.recipes.quickstart import State as Quickstart
 
     root = ArgumentParser(prog="lmforge", description="Train, fine-tune, align and run decoder-only language models.")
@@ -46,10 +60,8 @@ def _parser() -> ArgumentParser:
     q.add_argument("--device", default="auto", help="auto, cpu or cuda")
     sub.add_subcommand("quickstart", q, help="tokenizer -> pretrain -> samples -> SFT -> DPO -> chat on an embedded corpus")
 
-    sub.add_subcommand("pretrain", _recipe_parser(PretrainConfig, "Pretrain from scratch or continue from a "
-                                                  "checkpoint."), help="pretrain or continue pretraining")
-    for name, _module, cls, text in _later_recipes():
-        sub.add_subcommand(name, _recipe_parser(cls, text), help=text)
+    for name, (config, _, description, text) in _recipes().items():
+        sub.add_subcommand(name, _recipe_parser(config, description), help=text)
 
     tok = ArgumentParser(description="Tokenizers.")
     sub.add_subcommand("tokenizer", tok, help="train a tokenizer")
@@ -112,21 +124,6 @@ def _parser() -> ArgumentParser:
     return root
 
 
-def _later_recipes() -> list[tuple[str, str, type, str]]:
-    """Recipe commands whose modules exist in this version (sft, align)."""
-    out = []
-    for name, module, cls_name, text in (
-        ("sft", "lmforge.recipes.sft", "SFTConfig", "Supervised fine-tuning on Q&A, full or LoRA."),
-        ("align", "lmforge.recipes.align", "AlignConfig", "Preference alignment: DPO, IPO, SimPO, ORPO."),
-    ):
-        try:
-            mod = __import__(module, fromlist=[cls_name])
-        except ImportError:
-            continue
-        out.append((name, module, getattr(mod, cls_name), text))
-    return out
-
-
 def _model_args(p: ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder, lmforge run output, or .gguf file")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
@@ -158,101 +155,104 @@ def _load(a: Any):
     return model, tokenizer
 
 
+def _quickstart(a: Any) -> None:
+    """The whole path on the embedded corpus."""
+    from lmforge.recipes.quickstart import run as quickstart
+
+    quickstart(a.out, steps=a.steps, device=a.device, sft_steps=a.sft_steps, align_steps=a.align_steps)
+
+
+def _tokenizer(a: Any) -> None:
+    """`tokenizer train`: a byte-level BPE tokenizer from files."""
+    from lmforge.data.documents import iter_texts
+    from lmforge.tokenizer import SpecialTokens, train_tokenizer
+
+    t = a.train
+    if t.add_bos and not t.bos:
+        raise ValueError("--add-bos needs a bos token: give --bos (e.g. --bos '<s>')")
+    specials = SpecialTokens(eos=t.eos, pad=t.pad, bos=t.bos, extra=tuple(t.extra_tokens))
+    tok = train_tokenizer(iter_texts(t.files), t.vocab_size, min_frequency=t.min_frequency,
+                          special_tokens=specials, add_bos=t.add_bos)
+    tok.save(t.out)
+    print(f"wrote {t.out} ({tok.vocab_size} tokens)")
+
+
+def _prepare(a: Any) -> None:
+    """Token shards of a corpus, with their manifest."""
+    from lmforge.data.prepare import prepare
+    from lmforge.tokenizer import Tokenizer
+
+    m = prepare(a.sources, Tokenizer.from_folder(a.tokenizer), a.out, val_fraction=a.val_fraction,
+                workers=a.workers, skip_bad_lines=a.skip_bad_lines)
+    print(f"wrote {a.out}: {m.tokens('train'):,} train and {m.tokens('val'):,} val tokens")
+
+
+def _convert(a: Any) -> None:
+    """A checkpoint as a Hugging Face folder or a GGUF file (the rules on destinations: `checkpoint.convert`)."""
+    from lmforge.checkpoint.convert import convert
+
+    model = convert(a.src, a.dst, dtype=a.dtype, outtype=a.outtype)
+    print(f"wrote {a.dst} ({model.num_params():,} parameters)")
+
+
+def _generate(a: Any) -> None:
+    """A continuation of one prompt (chat-templated with --chat), printed whole or streamed."""
+    from lmforge.generate import generate, stream
+
+    model, tok = _load(a)
+    ids = tok.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True,
+                                  tokenize=True) if a.chat else tok.encode(a.prompt)  # the template has its bos
+    if a.stream:
+        for piece in stream(model, tok, ids, **_sampling(a)):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(tok.decode(generate(model, [ids], tokenizer=tok, **_sampling(a))[0], skip_special_tokens=True))
+
+
+def _chat(a: Any) -> None:
+    """A multi-turn chat in the terminal."""
+    from lmforge.chat import chat_loop
+
+    model, tok = _load(a)
+    chat_loop(model, tok, system=a.system, **_sampling(a))
+
+
+def _eval(a: Any) -> None:
+    """Perplexity of a text file, or accuracy on multiple-choice questions (auto: by the file's first record)."""
+    from lmforge.evaluate import multiple_choice, perplexity
+
+    model, tok = _load(a)
+    mode = a.mode
+    if mode == "auto":
+        mode = "choice" if _looks_like_choices(a.data) else "perplexity"
+    result = multiple_choice(model, tok, a.data) if mode == "choice" else \
+        perplexity(model, tok, a.data, batch_size=a.batch_size)
+    print("  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result.items()))
+
+
+def _plot(a: Any) -> None:
+    """A run's loss curves as a PNG."""
+    print(f"wrote {plot(a.run_dir, a.out)}")
+
+
+COMMANDS: dict[str, Callable[[Any], None]] = {  # the commands that are not recipes (see `_recipes`)
+    "quickstart": _quickstart, "tokenizer": _tokenizer, "prepare": _prepare, "convert": _convert,
+    "generate": _generate, "chat": _chat, "eval": _eval, "plot": _plot,
+}
+
+
 def run(argv: list[str] | None = None) -> None:
+    """Parses `argv` (default: the process's arguments) and runs the command it names."""
     parser = _parser()
     args = parser.instantiate(parser.parse_args(argv))
-    cmd = args.command
-    a = args[cmd]
-    if cmd == "quickstart":
-        from lmforge.recipes.quickstart import run as quickstart
-
-        quickstart(a.out, steps=a.steps, device=a.device, sft_steps=a.sft_steps, align_steps=a.align_steps)
-    elif cmd == "pretrain":
-        from lmforge.recipes.pretrain import PretrainConfig
-        from lmforge.recipes.pretrain import run as pretrain
-
-        pretrain(_build(PretrainConfig, a))
-    elif cmd in ("sft", "align"):
-        for name, module, cls, _ in _later_recipes():
-            if name == cmd:
-                __import__(module, fromlist=["run"]).run(_build(cls, a))
-    elif cmd == "tokenizer":
-        from lmforge.data.documents import iter_texts
-        from lmforge.tokenizer import SpecialTokens, train_tokenizer
-
-        t = a.train
-        if t.add_bos and not t.bos:
-            raise ValueError("--add-bos needs a bos token: give --bos (e.g. --bos '<s>')")
-        specials = SpecialTokens(eos=t.eos, pad=t.pad, bos=t.bos, extra=tuple(t.extra_tokens))
-        tok = train_tokenizer(iter_texts(t.files), t.vocab_size, min_frequency=t.min_frequency,
-                              special_tokens=specials, add_bos=t.add_bos)
-        tok.save(t.out)
-        print(f"wrote {t.out} ({tok.vocab_size} tokens)")
-    elif cmd == "prepare":
-        from lmforge.data.prepare import prepare
-        from lmforge.tokenizer import Tokenizer
-
-        m = prepare(a.sources, Tokenizer.from_folder(a.tokenizer), a.out, val_fraction=a.val_fraction,
-                    workers=a.workers, skip_bad_lines=a.skip_bad_lines)
-        print(f"wrote {a.out}: {m.tokens('train'):,} train and {m.tokens('val'):,} val tokens")
-    elif cmd == "convert":
-        from lmforge.checkpoint import load, save
-
-        to_gguf = a.dst.lower().endswith(".gguf")
-        if a.outtype is not None and not to_gguf:
-            raise ValueError(f"--outtype {a.outtype} is for a .gguf destination; {a.dst} is a folder (use --dtype)")
-        if to_gguf and a.dtype is not None:
-            raise ValueError("--dtype is for a folder destination; a .gguf one takes --outtype (f32, f16, bf16, q8_0)")
-        dst = Path(a.dst)
-        if dst.is_file() and not to_gguf:
-            raise ValueError(f"{dst}: exists and is a file; the destination is a new or a model folder")
-        if dst.is_dir() and not to_gguf and any(dst.iterdir()) and not (dst / "config.json").is_file():
-            raise ValueError(f"{dst}: exists and is not a model folder (no config.json); converting there would "
-                             "replace what it holds: choose a new destination")
-        if to_gguf:
-            from lmforge.checkpoint.gguf import OUTTYPES, write_gguf
-
-            outtype = a.outtype or "f16"
-            if outtype not in OUTTYPES:  # before the (slow) load
-                raise ValueError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
-        model, tokenizer = load(a.src, device="cpu", dtype=None if to_gguf else a.dtype)
-        if to_gguf:
-            if tokenizer is None:
-                raise ValueError(f"{a.src}: no tokenizer.json; a GGUF file holds the tokenizer too")
-            write_gguf(model, tokenizer, a.dst, outtype)
-        else:
-            save(model, tokenizer, a.dst)
-        print(f"wrote {a.dst} ({model.num_params():,} parameters)")
-    elif cmd == "generate":
-        from lmforge.generate import generate, stream
-
-        model, tok = _load(a)
-        ids = tok.apply_chat_template([{"role": "user", "content": a.prompt}], add_generation_prompt=True,
-                                      tokenize=True) if a.chat else tok.encode(a.prompt)  # the template has its bos
-        if a.stream:
-            for piece in stream(model, tok, ids, **_sampling(a)):
-                print(piece, end="", flush=True)
-            print()
-        else:
-            print(tok.decode(generate(model, [ids], tokenizer=tok, **_sampling(a))[0], skip_special_tokens=True))
-    elif cmd == "chat":
-        from lmforge.chat import chat_loop
-
-        model, tok = _load(a)
-        chat_loop(model, tok, system=a.system, **_sampling(a))
-    elif cmd == "eval":
-        from lmforge.evaluate import multiple_choice, perplexity
-
-        model, tok = _load(a)
-        mode = a.mode
-        if mode == "auto":
-            mode = "choice" if _looks_like_choices(a.data) else "perplexity"
-        result = multiple_choice(model, tok, a.data) if mode == "choice" else \
-            perplexity(model, tok, a.data, batch_size=a.batch_size)
-        print("  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result.items()))
-    elif cmd == "plot":
-        out = plot(a.run_dir, a.out)
-        print(f"wrote {out}")
+    a = args[args.command]
+    recipe = _recipes().get(args.command)
+    if recipe is not None:
+        config, run_recipe = recipe[:2]
+        run_recipe(_build(config, a))
+    else:
+        COMMANDS[args.command](a)
 
 
 def _looks_like_choices(path: str) -> bool:
@@ -270,33 +270,16 @@ def _looks_like_choices(path: str) -> bool:
 
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Training loss (and validation loss where logged) against step, from metrics.jsonl, as a PNG."""
-    import json
-
     import matplotlib
+
+    from lmforge.train.metrics import read_metrics
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics.jsonl in this run folder")
-    train, val = [], []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):  # a run killed while writing leaves a partial last line: plot what is whole
-                break
-            raise ValueError(f"{path}:{n}: not valid JSON") from None
-        if not isinstance(r, dict) or not isinstance(r.get("step"), int):
-            raise ValueError(f"{path}:{n}: a record needs an integer 'step'")
-        if "loss" in r:
-            train.append((r["step"], r["loss"]))
-        if "eval/val_loss" in r:
-            val.append((r["step"], r["eval/val_loss"]))
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["eval/val_loss"]) for r in records if "eval/val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
