@@ -33,6 +33,8 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
+from lmforge.checkpoint.atomic import atomic_folder
+from lmforge.checkpoint.run import TRAIN_STATE, write_checkpoint
 from lmforge.utils import resolve_device
 
 STRATEGIES = ("auto", "single", "ddp", "fsdp")
@@ -182,13 +184,9 @@ class Dist:
         (each process writes its own shards). A collective: every process calls it."""
         from torch.distributed.fsdp import FSDPModule
 
-        from lmforge.checkpoint import atomic_folder
-
         if not isinstance(model, FSDPModule):
             if self.rank == 0:
-                with atomic_folder(folder) as tmp:
-                    save_model(tmp)
-                    torch.save({**state, "optimizer": optimizer.state_dict()}, tmp / "train_state.pt")
+                write_checkpoint(folder, save_model, {**state, "optimizer": optimizer.state_dict()})
             self.barrier()
             return
         import torch.distributed.checkpoint as dcp
@@ -203,7 +201,7 @@ class Dist:
             with self.gathered(model):
                 if self.rank == 0:
                     save_model(tmp)
-                    torch.save(state, tmp / "train_state.pt")  # its presence marks the checkpoint complete
+                    torch.save(state, tmp / TRAIN_STATE)  # its presence marks the checkpoint complete
         self.barrier()  # nobody goes on (or prunes) before rank 0 has renamed the folder
 
 
@@ -279,7 +277,7 @@ def load_optimizer_state(folder: Path, model: nn.Module, optimizer: torch.optim.
     import torch.distributed.checkpoint as dcp
 
     if not (folder / "optimizer").is_dir():
-        raise ValueError(f"{folder}: train_state.pt has no optimizer state and there is no optimizer/ folder")
+        raise ValueError(f"{folder}: {TRAIN_STATE} has no optimizer state and there is no optimizer/ folder")
     target = get_optimizer_state_dict(inner, optimizer)  # the tensors to fill: shards, or whole tensors
     with warnings.catch_warnings():  # one process reading every shard is what we mean here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

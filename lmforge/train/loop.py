@@ -4,14 +4,11 @@ atomic checkpoints and exact resume."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import re
-import shutil
-import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +19,15 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge import kernels
+from lmforge.checkpoint.run import (
+    latest_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    set_rng_state,
+    write_checkpoint,
+)
+from lmforge.train.distributed import load_optimizer_state
+from lmforge.train.metrics import MetricsWriter, Throughput
 from lmforge.train.optim import build_optimizer, lr_factor
 from lmforge.utils import autocast
 
@@ -115,21 +121,9 @@ class TrainConfig:
             raise ValueError(f"train.step_size must be >= 1, got {self.step_size}")
 
 
-def check_run_dir(run_dir: str | Path, resume: bool) -> None:
-    """A folder with checkpoints holds a run: without `resume`, training there would overwrite its model and
-    mix its metrics, and pruning would delete the new run's own checkpoints. Refused, naming the way out."""
-    done = [p.name for p in (Path(run_dir) / "checkpoints").glob("step-*") if p.is_dir()]
-    if done and not resume:
-        last = max(done, key=lambda n: int(n.split("-")[1]) if n.split("-")[1].isdigit() else -1)
-        raise ValueError(f"{run_dir}: already holds a run (checkpoints up to {last}): pass --resume "
-                         "(train.resume: true) to continue it, or choose a new out_dir")
-
-
 class NonFiniteError(RuntimeError):
     """The loss or the gradient stopped being a finite number."""
 
-
-# ---- seeds and RNG state ------------------------------------------------------------------------------------
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
@@ -138,55 +132,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-
-
-def rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-             "python_gauss": random.getstate()[2], "numpy": torch.from_numpy(keys.astype(np.int64)),
-             "numpy_rest": [pos, has_gauss, gauss], "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(s: dict[str, Any]) -> None:
-    random.setstate((s["python_version"], tuple(s["python"]), s["python_gauss"]))
-    pos, has_gauss, gauss = s["numpy_rest"]
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-# ---- checkpoints -------------------------------------------------------------------------------------------
-
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders of an interrupted write don't count)."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / "train_state.pt").exists()]
-    return sorted(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
-
-
-def _save_checkpoint(folder: Path, save_model: Callable[[Path], None], state: dict) -> None:
-    from lmforge.checkpoint import atomic_folder
-
-    with atomic_folder(folder) as tmp:
-        save_model(tmp)
-        torch.save(state, tmp / "train_state.pt")
-
-
-def _prune_checkpoints(run_dir: Path, keep: int) -> None:
-    root = run_dir / "checkpoints"
-    for old in checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*.tmp-*"):  # left by a killed writer
-        shutil.rmtree(stale, ignore_errors=True)
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -218,6 +163,8 @@ def fit(
       "n": the number of units (tokens, pairs) the loss sums over. It must be a pure function of its
       arguments (and the seed), which is what makes resume exact.
     loss_fn(model, batch) -> (summed loss, {metric: summed value}); the loop divides by the global "n".
+    run_dir: where checkpoints/, metrics.jsonl and tensorboard/ go. `fit` writes there as told: open it first
+      with `lmforge.checkpoint.run.open_run`, which refuses a folder that holds another run (as every recipe does).
     evaluate(model) -> {name: value}, run every cfg.eval_every steps and at the end.
     save_model(folder) / load_model(folder): write / read the weights of a checkpoint (a model folder).
       Under FSDP, save_model runs on rank 0 inside `dist.gathered(model)`, where the model's state_dict()
@@ -229,186 +176,166 @@ def fit(
     """
     run_dir = Path(run_dir)
     is_main = dist is None or dist.rank == 0
-    if save_model is not None:  # a run that writes checkpoints must not write them over another run's
-        check_run_dir(run_dir, cfg.resume)
+    world = dist.world_size if dist is not None else 1
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed, cfg.deterministic)
-    world = dist.world_size if dist is not None else 1
-    state, last = None, None
-    if cfg.resume and checkpoints(run_dir):
-        last = checkpoints(run_dir)[-1]
-        state = torch.load(last / "train_state.pt", weights_only=True, map_location="cpu")
+    resumed = latest_checkpoint(run_dir) if cfg.resume else None  # (folder, train state)
+    if resumed is not None:
         if load_model is None:
             raise ValueError("resume needs load_model to restore the weights")
-        load_model(last)  # into the plain model: whole weights, before DDP copies them or FSDP shards them
+        load_model(resumed[0])  # into the plain model: whole weights, before DDP copies them or FSDP shards them
     if dist is not None:
         model = dist.wrap(model)
     device = next(model.parameters()).device
     if device.type == "cpu":
         kernels.prebuild()  # the CPU kernels not built yet, all at once (first use only)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None,
-                 "auto": torch.bfloat16 if device.type == "cuda" else None}[cfg.precision]
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio,
-                                       cfg.step_size, cfg.gamma))
-    start = 0
-    if state is not None:
-        from lmforge.train.distributed import load_optimizer_state
-
-        load_optimizer_state(last, model, optimizer, state)  # whichever strategy and world size wrote it
-        schedule.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = state["step"]
-        if is_main:
-            written = state.get("world_size", 1)
-            print(f"resuming from {last} (step {start})" + (
-                f"; it was written by {written} process(es), this run has {world}: the data position is the "
-                "step and each global batch is the same whatever the number of processes, so training goes "
-                "on as if unchanged" if written != world else ""))
+    amp_dtype = _amp_dtype(cfg.precision, device)
+    optimizer, schedule = _optimizer(model, cfg)
+    start = _restore(*resumed, model, optimizer, schedule, world, is_main) if resumed is not None else 0
     # compile the loss function whole: the model and the loss (the fp32 upcast of the logits, log-softmax)
     # become one graph, so the big (tokens, vocab) intermediates are fused
     step_loss = torch.compile(loss_fn) if cfg.compile else loss_fn
     params = [p for p in model.parameters() if p.requires_grad]
-
-    writer = None
-    metrics_file = None
-    if is_main:
-        if state is not None:  # resumed: the steps logged after the checkpoint are run, and logged, again
-            _drop_metrics_after(run_dir / "metrics.jsonl", start)
-        metrics_file = open(run_dir / "metrics.jsonl", "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:  # tensorboard is optional at run time
-            writer = None
-
-    def log(record: dict[str, Any]) -> None:
-        if not is_main:
-            return
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
-        if writer is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, record["step"])
+    metrics = MetricsWriter(run_dir if is_main else None, resumed_at=start if resumed is not None else None)
 
     def checkpoint(step: int) -> None:
-        if save_model is None:
-            return
         state = {"scheduler": schedule.state_dict(), "rng": rng_state(), "step": step, "data_position": step,
                  "train_config": asdict(cfg), "world_size": world, "strategy": dist.strategy if dist else "single"}
         folder = run_dir / "checkpoints" / f"step-{step}"
         if dist is None:
-            _save_checkpoint(folder, save_model, {**state, "optimizer": optimizer.state_dict()})
+            write_checkpoint(folder, save_model, {**state, "optimizer": optimizer.state_dict()})
         else:
             dist.save_checkpoint(folder, model, optimizer, save_model, state)  # every process takes part
         if is_main:
-            _prune_checkpoints(run_dir, cfg.keep_last)
-
-    def run_eval(step: int) -> dict[str, float]:
-        if evaluate is None:
-            return {}
-        model.eval()
-        with torch.no_grad(), autocast(device, amp_dtype):
-            result = evaluate(model)
-        model.train()
-        log({"step": step, **{f"eval/{k}": v for k, v in result.items()}})
-        if is_main:
-            tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in result.items()))
-        return result
+            prune_checkpoints(run_dir, cfg.keep_last)
 
     losses: list[float] = []
     last_eval: dict[str, float] = {}
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and is_main), dynamic_ncols=True)
     model.train()
-    t_last, tokens_since = time.perf_counter(), 0
+    speed = Throughput()
     end = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
     acc = torch.float32 if device.type == "mps" else torch.float64  # Apple's GPU has no float64
     for step in range(start, end):
         micro = [get_batch(step, i) for i in range(grad_accum)]
-        n_total = float(sum(b["n"] for b in micro))
-        if dist is not None:
-            n_total = dist.all_reduce_sum(n_total)
-        n_total = max(n_total, 1.0)
+        n_total = _global_count(micro, dist)
         # the step's loss, metrics and gradient norm stay on the device until its end: one host sync per step
         # (a sync per micro-batch would leave a GPU idle while the host queues each backward)
         loss_sum: torch.Tensor | float = 0.0
         sums: dict[str, Any] = {}
         for i, batch in enumerate(micro):
-            with autocast(device, amp_dtype), (dist.no_sync(model, i < len(micro) - 1) if dist else _null()):
-                loss, metrics = step_loss(model, batch)
+            with autocast(device, amp_dtype), (dist.no_sync(model, i < len(micro) - 1) if dist else nullcontext()):
+                loss, values = step_loss(model, batch)
                 # DDP and FSDP average gradients over processes; x world turns that into the global sum
                 (loss * world / n_total).backward()
             loss_sum = loss_sum + loss.detach().to(acc)  # float64: as exact as summing Python floats
-            for k, v in metrics.items():
+            for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + (v.detach().to(acc) if isinstance(v, torch.Tensor) else v)
-            tokens_since += int(batch.get("tokens", batch["n"]))
+            speed.add(int(batch.get("tokens", batch["n"])))
         # the global norm, also over FSDP's sharded gradients (DTensors)
         norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else
                 torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-        loss_sum, grad_norm, *values = _to_host([loss_sum, norm, *sums.values()], acc)
-        sums = dict(zip(sums, values))
-        if dist is not None:  # every process then takes the same decision below
-            loss_sum = dist.all_reduce_sum(loss_sum)
-            sums = {k: dist.all_reduce_sum(v) for k, v in sums.items()}
-        problem = (f"loss is {loss_sum} (not finite)" if not math.isfinite(loss_sum) else
-                   f"gradient norm is {grad_norm}" if not math.isfinite(grad_norm) else None)
-        if problem is not None and not cfg.skip_nonfinite:
-            raise NonFiniteError(f"step {step + 1}: {problem}; stopping without writing a checkpoint. Lower "
-                                 "train.lr, or set train.skip_nonfinite")
-        if problem is None:
+        loss_sum, grad_norm, sums = _step_totals(loss_sum, norm, sums, acc, dist)
+        skip = _skip_nonfinite(step + 1, loss_sum, grad_norm, cfg.skip_nonfinite)
+        if not skip:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         bar.update(1)
-        if problem is not None:
-            log({"step": step + 1, "skipped_nonfinite": 1})
+        if skip:
+            metrics.log({"step": step + 1, "skipped_nonfinite": 1})
             continue
         loss_mean = loss_sum / n_total
         losses.append(loss_mean)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            now = time.perf_counter()
-            tps = tokens_since * world / max(now - t_last, 1e-9)
-            t_last, tokens_since = now, 0
-            lr = schedule.get_last_lr()[0]
-            log({"step": step + 1, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm,
-                 "tokens_per_s": tps, **{k: v / n_total for k, v in sums.items()}})
+            tps, lr = speed.per_second() * world, schedule.get_last_lr()[0]
+            metrics.log({"step": step + 1, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm,
+                         "tokens_per_s": tps, **{k: v / n_total for k, v in sums.items()}})
             bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
         done = step + 1 == end
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
-            last_eval = run_eval(step + 1)
-        if (cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done:
+        if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
+            last_eval = _evaluate(model, evaluate, device, amp_dtype)
+            metrics.log_eval(step + 1, last_eval)
+        if save_model is not None and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done):
             checkpoint(step + 1)
     bar.close()
-    last_eval = run_eval(end) if evaluate is not None else last_eval
-    if writer is not None:
-        writer.close()
-    if metrics_file is not None:
-        metrics_file.close()
+    if evaluate is not None:
+        last_eval = _evaluate(model, evaluate, device, amp_dtype)
+        metrics.log_eval(end, last_eval)
+    metrics.close()
     return FitResult(end, losses, last_eval, run_dir)
 
 
-def _drop_metrics_after(path: Path, step: int) -> None:
-    """Keeps the records of steps <= `step` (atomically): the steps a stopped run logged after its last checkpoint
-    are redone on resume and would otherwise appear twice."""
-    if not path.is_file():
-        return
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
-    keep = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a partial last line of a killed run
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int) or record["step"] <= step:
-            keep.append(line if line.endswith("\n") else line + "\n")
-    if len(keep) != len(lines):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(keep), encoding="utf-8")
-        os.replace(tmp, path)
+def _amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of train.precision (auto: bf16 on CUDA); None = no autocast."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None,
+            "auto": torch.bfloat16 if device.type == "cuda" else None}[precision]
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its learning-rate schedule, as `cfg` says."""
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio,
+                                       cfg.step_size, cfg.gamma))
+    return optimizer, schedule
+
+
+def _restore(folder: Path, state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer,
+             schedule: torch.optim.lr_scheduler.LambdaLR, world: int, say: bool) -> int:
+    """Optimizer, schedule and RNGs from checkpoint `folder` (the weights are in already); the step to go on from."""
+    load_optimizer_state(folder, model, optimizer, state)  # whichever strategy and world size wrote it
+    schedule.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    if say:
+        written = state.get("world_size", 1)
+        print(f"resuming from {folder} (step {state['step']})" + (
+            f"; it was written by {written} process(es), this run has {world}: the data position is the "
+            "step and each global batch is the same whatever the number of processes, so training goes "
+            "on as if unchanged" if written != world else ""))
+    return state["step"]
+
+
+def _global_count(micro: list[Batch], dist: Any) -> float:
+    """The units the step's loss sums over, over every process (at least 1: the loss is divided by it)."""
+    n_total = float(sum(b["n"] for b in micro))
+    if dist is not None:
+        n_total = dist.all_reduce_sum(n_total)
+    return max(n_total, 1.0)
+
+
+def _step_totals(loss_sum: Any, norm: torch.Tensor, sums: dict[str, Any], acc: torch.dtype,
+                 dist: Any) -> tuple[float, float, dict[str, float]]:
+    """The step's loss sum, gradient norm and metric sums as Python floats, in one host sync; the sums are then
+    added over the processes, so every process takes the same decision (the norm is global already)."""
+    loss_sum, grad_norm, *values = _to_host([loss_sum, norm, *sums.values()], acc)
+    sums = dict(zip(sums, values))
+    if dist is not None:
+        loss_sum = dist.all_reduce_sum(loss_sum)
+        sums = {k: dist.all_reduce_sum(v) for k, v in sums.items()}
+    return loss_sum, grad_norm, sums
+
+
+def _skip_nonfinite(step: int, loss_sum: float, grad_norm: float, skip: bool) -> bool:
+    """Whether step `step` (1-based) is to be skipped: its loss or gradient norm is not finite, and `skip` says to
+    go on; without `skip` that stops the run."""
+    problem = (f"loss is {loss_sum} (not finite)" if not math.isfinite(loss_sum) else
+               f"gradient norm is {grad_norm}" if not math.isfinite(grad_norm) else None)
+    if problem is not None and not skip:
+        raise NonFiniteError(f"step {step}: {problem}; stopping without writing a checkpoint. Lower "
+                             "train.lr, or set train.skip_nonfinite")
+    return problem is not None
+
+
+def _evaluate(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]], device: torch.device,
+              amp_dtype: torch.dtype | None) -> dict[str, float]:
+    """`evaluate(model)` in eval mode, without gradients, at the training precision."""
+    model.eval()
+    with torch.no_grad(), autocast(device, amp_dtype):
+        result = evaluate(model)
+    model.train()
+    return result
 
 
 def _to_host(values: list[Any], dtype: torch.dtype = torch.float64) -> list[float]:
@@ -421,11 +348,3 @@ def _to_host(values: list[Any], dtype: torch.dtype = torch.float64) -> list[floa
         for i, v in zip(at, host):
             out[i] = v
     return out
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

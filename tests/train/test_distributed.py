@@ -18,11 +18,12 @@ import torch.multiprocessing as mp
 import yaml
 
 from lmforge.checkpoint import load, load_weights, write_model_folder
+from lmforge.checkpoint.run import checkpoints
 from lmforge.config import ModelConfig
 from lmforge.data.labels import IGNORE
 from lmforge.model import Transformer
 from lmforge.train.distributed import DistributedError, init_distributed
-from lmforge.train.loop import TrainConfig, checkpoints, fit
+from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.losses import next_token_loss
 
 CFG = ModelConfig.from_preset("tiny-llama", vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from lmforge.checkpoint import load_weights, write_model_folder
+from lmforge.checkpoint.run import checkpoints
 from lmforge.config import ModelConfig
 from lmforge.model import Transformer
-from lmforge.train.loop import NonFiniteError, TrainConfig, checkpoints, fit
+from lmforge.train.loop import NonFiniteError, TrainConfig, fit
 from lmforge.train.losses import next_token_loss
 from lmforge.train.optim import lr_factor, param_groups
 
