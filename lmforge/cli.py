@@ -304,10 +304,11 @@ def main(argv: list[str] | None = None) -> None:
     from lmforge.config import ConfigError
     from lmforge.train.distributed import DistributedError, shutdown
     from lmforge.train.loop import NonFiniteError
-    from lmforge.utils import PlacementError
+    from lmforge.utils import PlacementError, placement_errors
 
     try:
-        run(argv)
+        with placement_errors():  # torch's device/dtype mismatch, as one line
+            run(argv)
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError, KeyError, PlacementError) as e:
         print(f"lmforge: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -81,9 +81,12 @@ def test_failed_save_keeps_the_old_folder(saved, monkeypatch):
 
 
 def test_device_dtype_mixup_is_explained():
+    """Named where a model is run for a user (generation; the command line), not by the plain forward."""
+    from lmforge.generate import generate
+
     model = Transformer(ModelConfig.from_preset("tiny-llama"))
     model.layers[1].mlp.to(torch.float64)
     with pytest.raises(RuntimeError, match=r"device/dtype mix-up: parameters on cpu/float32 \(\d+\), cpu/float64"):
-        model(torch.zeros(1, 4, dtype=torch.long))
+        generate(model, [0, 0, 0, 0], 1)
     with pytest.raises(TypeError, match="input_ids must hold integer token ids"):
         model(torch.zeros(1, 4))
