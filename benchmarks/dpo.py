@@ -39,7 +39,8 @@ from sft_lora import ALPHA, CHILD_ENV, LR, PEFT_TARGETS, TARGETS, R, load_side, 
 
 from lmforge.data.preference import PreferenceDataset, load_preferences
 from lmforge.recipes.align import AlignConfig, PreferenceLoss, make_reference
-from lmforge.recipes.sft import LoRASpec, masked_lm_loss
+from lmforge.recipes.common import LoRASpec
+from lmforge.recipes.sft import masked_lm_loss
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.optim import build_optimizer
 

@@ -154,6 +154,36 @@ def test_convert_writes_a_folder_lmforge_and_transformers_read_alike(folder, tmp
         torch.testing.assert_close(ref(ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
+# ---- LoRA fine-tuning and alignment ----------------------------------------------------------------------
+
+
+def test_lora_sft_then_align_write_an_adapter_and_the_merged_model(folder, tmp_path, capsys):
+    """Each LoRA stage writes adapter/ (PEFT layout) and model/ with the adapter merged: the base model with
+    the adapter applied gives the merged model's logits. Alignment continues from the SFT adapter."""
+    from lmforge.checkpoint.peft import load_adapter
+
+    sft, pairs = tmp_path / "sft.jsonl", tmp_path / "pairs.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": t[:8], "response": t[8:]}) + "\n" for t in TEXTS))
+    pairs.write_text("".join(json.dumps({"prompt": t[:8], "chosen": t[8:], "rejected": t[8:][::-1]}) + "\n"
+                             for t in TEXTS))
+    common = ["--model.device", "cpu", "--batch_size", "4", "--micro_batch_size", "2", "--eval_batches", "0",
+              "--train.max_steps", "2", "--train.lr", "1e-2", "--train.progress", "false", "--data.max_len", "48"]
+    run(["sft", "--out_dir", str(tmp_path / "sft"), "--model.init_from", str(folder), "--data.train", str(sft),
+         "--lora.enabled", "true", "--lora.r", "4", *common])
+    run(["align", "--out_dir", str(tmp_path / "align"), "--model.init_from", str(folder), "--data.train",
+         str(pairs), "--adapter", str(tmp_path / "sft" / "adapter"), *common])
+    out = capsys.readouterr().out
+    ids = torch.tensor([[5, 9, 2, 7, 3]])
+    for stage in ("sft", "align"):
+        run_dir = tmp_path / stage
+        assert f"wrote {run_dir / 'model'} and {run_dir / 'adapter'}" in out
+        base, _ = lmforge.load(folder, device="cpu")
+        merged, _ = lmforge.load(run_dir / "model", device="cpu")
+        with torch.no_grad():
+            torch.testing.assert_close(load_adapter(base, run_dir / "adapter")(ids), merged(ids), atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(lmforge.load(folder, device="cpu")[0](ids), merged(ids))  # it trained
+
+
 # ---- a training run: plot and TensorBoard ----------------------------------------------------------------
 
 

@@ -72,12 +72,13 @@ def test_a_model_input_placement_mixup_is_one_line(monkeypatch, capsys, tiny):
     """A dtype mix-up the user caused (bf16 weights, a float mask passed along) surfaces as PlacementError,
     which the command line prints as one line."""
     from lmforge import cli
+    from lmforge.generate import generate
     from lmforge.utils import PlacementError
 
     model, _ = lmforge.load(tiny / "m")
     model.layers[0].attn.qkv.weight.data = model.layers[0].attn.qkv.weight.data.double()
     with pytest.raises(PlacementError, match="device/dtype mix-up"):
-        model(torch.tensor([[1, 2, 3]]))
+        generate(model, [1, 2, 3], 1)
 
     def run(argv):
         model(torch.tensor([[1, 2, 3]]))
@@ -202,7 +203,8 @@ def test_undecodable_text_is_a_clear_error_and_the_chat_goes_on(tiny):
 def test_more_nonsense_values_are_named():
     from lmforge.data.prepare import prepare
     from lmforge.recipes.align import AlignConfig
-    from lmforge.recipes.sft import ChatData, LoRASpec
+    from lmforge.recipes.common import LoRASpec
+    from lmforge.recipes.sft import ChatData
     from lmforge.tokenizer import SpecialTokens
     from lmforge.train.loop import TrainConfig
 

@@ -13,11 +13,20 @@ from typing import Any
 
 import torch
 
-from lmforge.checkpoint import save
 from lmforge.data.labels import IGNORE
-from lmforge.lora import disable_adapters, lora_modules, merge_lora, save_adapter
-from lmforge.recipes.common import ModelSpec, save_final, start_finetune
-from lmforge.recipes.sft import LoRASpec, _to, lora_hooks, setup_lora
+from lmforge.lora import disable_adapters, lora_modules
+from lmforge.recipes.common import (
+    LoRASpec,
+    ModelSpec,
+    check_batch,
+    lora_hooks,
+    save_final,
+    setup_lora,
+    split_batch,
+    start_finetune,
+    step_batches,
+    to_device,
+)
 from lmforge.train.loop import FitResult, TrainConfig, fit
 from lmforge.train.losses import dpo_loss, ipo_loss, orpo_loss, sequence_logprobs, simpo_loss
 
@@ -89,8 +98,6 @@ class AlignConfig:
             raise ValueError(f"beta must be > 0 (a negative one trains towards the rejected answers), got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        from lmforge.recipes.pretrain import check_batch
-
         check_batch(self.batch_size, self.micro_batch_size, self.eval_batches)
 
 
@@ -150,7 +157,7 @@ def make_reference(cfg: AlignConfig, model, dataset, micro: int) -> Any:
     table: dict[bytes, tuple[float, float]] = {}
     with torch.no_grad():
         for batch in dataset.eval_batches(micro):
-            batch = _to(batch, model.device)
+            batch = to_device(batch, model.device)
             pc, pr, _, _ = pair_logprobs(frozen, batch)
             for key, a, b in zip(_keys(batch), pc.tolist(), pr.tolist()):
                 table[key] = (a, b)
@@ -176,13 +183,22 @@ def _keys(batch: dict) -> list[bytes]:
     return keys
 
 
+def pair_rows(batch: dict, rows: slice) -> dict:
+    """Pairs `rows` of a rank's batch: their chosen rows (first half) then their rejected rows (second half)."""
+    half = batch["x"].shape[0] // 2
+    pick = [*range(rows.start, rows.stop), *range(half + rows.start, half + rows.stop)]
+    out = {k: v[pick] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    out["n"], out["tokens"] = rows.stop - rows.start, int(out.pop("lengths").sum())  # pairs (loss unit); tokens (tokens/s)
+    return out
+
+
 def preference_metrics(model, dataset, loss_fn: PreferenceLoss, micro: int, max_batches: int) -> dict[str, float]:
     """Held-out loss, reward accuracy and margin, chosen/rejected log-probs, and preference accuracy
     (share of pairs where the policy's per-token log-prob of chosen beats rejected), averaged over pairs."""
     sums: dict[str, float] = {}
     n = 0
     for batch in dataset.eval_batches(micro, max_batches):
-        batch = _to(batch, model.device)
+        batch = to_device(batch, model.device)
         loss, metrics = loss_fn(model, batch)
         for k, v in {"loss": float(loss), **metrics}.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -191,7 +207,7 @@ def preference_metrics(model, dataset, loss_fn: PreferenceLoss, micro: int, max_
 
 
 def run(cfg: AlignConfig, dist=None) -> FitResult:
-    """Aligns the policy, reports held-out preference metrics before/after, writes <out_dir>/model."""
+    """Aligns the policy, reports held-out preference metrics before/after, writes <out_dir>/model (and adapter/)."""
     from lmforge.data.preference import PreferenceDataset, load_preferences
 
     out, dist, rank, world, model, tokenizer = start_finetune(cfg, dist, "alignment")
@@ -205,8 +221,6 @@ def run(cfg: AlignConfig, dist=None) -> FitResult:
         raise ValueError("data.train: give a JSONL file of preference pairs")
     train, val = dataset(cfg.data.train), (dataset(cfg.data.val) if cfg.data.val else None)
     setup_lora(model, cfg, dist)
-    from lmforge.recipes.pretrain import split_batch
-
     micro, accum = split_batch(cfg.batch_size, cfg.micro_batch_size, world)
     reference = make_reference(cfg, model, train if cfg.reference == "precomputed" else None, micro)
     if reference is not None and cfg.reference == "precomputed" and val is not None:
@@ -221,36 +235,16 @@ def run(cfg: AlignConfig, dist=None) -> FitResult:
             before = preference_metrics(model, val, val_loss_fn, micro, cfg.eval_batches)
             model.train()
         print("held-out before: " + ", ".join(f"{k} {v:.4g}" for k, v in before.items()))
-    cache: dict[int, dict] = {}
-    device = model.device
-
-    def get_batch(step: int, i: int) -> dict:
-        if step not in cache:
-            cache.clear()
-            cache[step] = train.batch(step, cfg.batch_size, cfg.train.seed, rank=rank, world_size=world)
-        b = cache[step]
-        half = b["x"].shape[0] // 2
-        rows = [*range(i * micro, (i + 1) * micro), *range(half + i * micro, half + (i + 1) * micro)]
-        out = {k: v[rows] for k, v in b.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
-        out["n"], out["tokens"] = micro, int(out.pop("lengths").sum())  # pairs (loss unit); tokens (tokens/s)
-        return _to(out, device)
-
+    get_batch = step_batches(train, cfg, rank, world, micro, model.device, pair_rows)
     save_model, load_model = lora_hooks(model, tokenizer)
     result = fit(model, get_batch, loss_fn, cfg.train, out,
                  evaluate=(lambda m: preference_metrics(m, val, val_loss_fn, micro, cfg.eval_batches)) if val else None,
                  save_model=save_model, load_model=load_model, grad_accum=accum, dist=dist)
-    if dist is not None and dist.strategy == "fsdp":
-        save_final(model, tokenizer, out / "model", dist)
-    elif rank == 0:
-        if before:
-            after = result.last_eval
-            print("held-out preference metrics (before -> after):")
-            for k in before:
-                print(f"  {k:14s} {before[k]:10.4f} -> {after.get(k, math.nan):10.4f}")
-            result.last_eval = {**{f"before_{k}": v for k, v in before.items()}, **after}
-        if lora_modules(model):
-            save_adapter(model, out / "adapter", base_model=cfg.model.init_from)
-            merge_lora(model)
-        save(model, tokenizer, out / "model")
-        print(f"wrote {out / 'model'}")
+    if before:  # rank 0's
+        after = result.last_eval
+        print("held-out preference metrics (before -> after):")
+        for k in before:
+            print(f"  {k:14s} {before[k]:10.4f} -> {after.get(k, math.nan):10.4f}")
+        result.last_eval = {**{f"before_{k}": v for k, v in before.items()}, **after}
+    save_final(model, tokenizer, out, dist, base_model=cfg.model.init_from)
     return result

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,10 +12,13 @@ from lmforge.data.pretrain import PackedDataset
 from lmforge.recipes.common import (
     ModelSpec,
     build_model,
-    init_run_distributed,
+    check_batch,
     model_hooks,
     save_final,
-    write_run_config,
+    split_batch,
+    start_run,
+    step_batches,
+    val_metrics,
 )
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.loop import FitResult, TrainConfig, fit
@@ -115,25 +117,10 @@ def prepare_tokens(cfg: PretrainConfig, tokenizer: Tokenizer | None, build: bool
     return tokenizer, data_dir
 
 
-def check_batch(batch_size: int, micro_batch_size: int, eval_batches: int = 0) -> None:
-    """The batch options of a run config, checked when it is read (before any data is made)."""
-    if eval_batches < 0:
-        raise ValueError(f"eval_batches must be >= 0, got {eval_batches}")
-    split_batch(batch_size, micro_batch_size)
-
-
-def split_batch(batch_size: int, micro_batch_size: int, world_size: int = 1) -> tuple[int, int]:
-    """(rows per micro-batch, micro-batches per step) for a global batch over `world_size` processes."""
-    if batch_size < 1 or micro_batch_size < 0:
-        raise ValueError(f"batch_size must be >= 1 and micro_batch_size >= 0 (0: the whole batch), got "
-                         f"{batch_size} and {micro_batch_size}")
-    if batch_size % world_size:
-        raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} processes")
-    per_rank = batch_size // world_size
-    micro = micro_batch_size or per_rank
-    if per_rank % micro:
-        raise ValueError(f"micro_batch_size {micro} does not divide the per-process batch {per_rank}")
-    return micro, per_rank // micro
+def lm_rows(xy: tuple[torch.Tensor, torch.Tensor], rows: slice) -> dict:
+    """Rows of a batch of packed windows: inputs, next-token targets, and the count of predicted tokens."""
+    x, y = xy
+    return {"x": x[rows], "y": y[rows], "n": y[rows].numel()}
 
 
 def lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -144,11 +131,7 @@ def lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
 def run(cfg: PretrainConfig, dist=None) -> FitResult:
     """Prepares data (when needed), builds the model, trains, and writes <out_dir>/model. Under torchrun
     (cfg.train.strategy) every process runs this; rank 0 prepares the data, prints and writes."""
-    out = Path(cfg.out_dir)
-    dist = init_run_distributed(cfg, dist)
-    rank, world = (dist.rank, dist.world_size) if dist else (0, 1)
-    if rank == 0:
-        write_run_config(out, cfg)
+    out, dist, rank, world = start_run(cfg, dist)
     model, tokenizer = build_model(cfg.model, None, cfg.data.seq_len, cfg.train.seed, dist) \
         if cfg.model.init_from else (None, None)
     if rank == 0:
@@ -169,15 +152,7 @@ def run(cfg: PretrainConfig, dist=None) -> FitResult:
         print(f"model: {model.num_params():,} parameters; data: {train.n_tokens:,} train tokens "
               f"({len(train):,} windows of {cfg.data.seq_len}); {cfg.train.max_steps} steps of "
               f"{cfg.batch_size} x {cfg.data.seq_len} tokens")
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get_batch(step: int, i: int) -> dict:
-        if step not in cache:
-            cache.clear()
-            cache[step] = train.batch(step, cfg.batch_size, cfg.train.seed, rank=rank, world_size=world)
-        x, y = cache[step]
-        rows = slice(i * micro, (i + 1) * micro)
-        return {"x": x[rows].to(device), "y": y[rows].to(device), "n": y[rows].numel()}
+    get_batch = step_batches(train, cfg, rank, world, micro, device, lm_rows)
 
     # the same validation windows whatever the number of processes; each process runs `micro` rows at a time
     eval_rows, eval_batch = cfg.eval_batches * (cfg.micro_batch_size or cfg.batch_size), micro * world
@@ -189,11 +164,10 @@ def run(cfg: PretrainConfig, dist=None) -> FitResult:
             total, n = total + float(loss), n + int(k)
         if dist is not None:
             total, n = dist.all_reduce_sum(total), dist.all_reduce_sum(n)
-        loss = total / max(n, 1)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        return val_metrics(total, n)
 
     save_model, load_model = model_hooks(model, tokenizer)
     result = fit(model, get_batch, lm_loss, cfg.train, out, evaluate=evaluate if val is not None else None,
                  save_model=save_model, load_model=load_model, grad_accum=accum, dist=dist)
-    save_final(model, tokenizer, out / "model", dist)
+    save_final(model, tokenizer, out, dist)
     return result

@@ -14,7 +14,7 @@ from typing import Any
 
 from lmforge import kernels
 from lmforge.data.demo import write_corpus
-from lmforge.recipes.common import ModelSpec
+from lmforge.recipes.common import ModelSpec, answer_accuracy
 from lmforge.recipes.pretrain import PretrainConfig, PretrainData
 from lmforge.recipes.pretrain import run as pretrain
 from lmforge.train.loop import TrainConfig
@@ -106,7 +106,6 @@ def stage_align(s: State) -> str:
     from lmforge.data.sft import eval_prompts
     from lmforge.recipes.align import AlignConfig, PreferenceData
     from lmforge.recipes.align import run as align
-    from lmforge.recipes.sft import answer_accuracy
 
     data = s.out / "tasks"
     cfg = AlignConfig(

@@ -3,52 +3,27 @@ the same `fit` as pretraining. Reports held-out answer accuracy (greedy) before 
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from lmforge.checkpoint import save
 from lmforge.data.labels import IGNORE
-from lmforge.lora import (
-    DEFAULT_TARGETS,
-    apply_lora,
-    load_adapter,
-    lora_modules,
-    merge_lora,
-    save_adapter,
-    set_adapter_state,
-    trainable_parameters,
+from lmforge.recipes.common import (
+    LoRASpec,
+    ModelSpec,
+    answer_accuracy,
+    check_batch,
+    lora_hooks,
+    save_final,
+    setup_lora,
+    split_batch,
+    start_finetune,
+    step_batches,
+    to_device,
+    val_metrics,
 )
-from lmforge.recipes.common import ModelSpec, model_hooks, save_final, start_finetune
 from lmforge.train.loop import FitResult, TrainConfig, fit
-
-
-@dataclass
-class LoRASpec:
-    """Low-rank adapters instead of full fine-tuning.
-
-    Attributes:
-        enabled: train LoRA adapters (the base model stays frozen) instead of every weight.
-        r: adapter rank.
-        alpha: scaling numerator: the update is B·A·alpha/r.
-        dropout: dropout on the adapter input.
-        targets: linear layers to adapt, by name: qkv, out, gate_up, down (GELU MLPs: up).
-    """
-
-    enabled: bool = False
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass
@@ -103,34 +78,7 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4, warmup_steps=5, weight_decay=0.0))
 
     def __post_init__(self) -> None:
-        from lmforge.recipes.pretrain import check_batch
-
         check_batch(self.batch_size, self.micro_batch_size, self.eval_batches)
-
-
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip().casefold().rstrip(".。!！")
-
-
-def answer_accuracy(model, tokenizer, prompts: list[tuple[list[int], str]], max_new_tokens: int,
-                    batch_size: int = 16) -> dict[str, float]:
-    """Greedy answers to held-out prompts: exact match (normalised) and 'contains the reference'."""
-    from lmforge.generate import generate
-
-    exact = contains = 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            outs = generate(model, [p for p, _ in chunk], max_new_tokens=max_new_tokens, tokenizer=tokenizer)
-            for (_, ref), out in zip(chunk, outs):
-                got = _normalise(tokenizer.decode(out, skip_special_tokens=True))
-                exact += got == _normalise(ref)
-                contains += _normalise(ref) in got
-    model.train(was_training)
-    n = max(len(prompts), 1)
-    return {"exact_match": exact / n, "contains": contains / n, "n": len(prompts)}
 
 
 def masked_lm_loss(model, batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -154,34 +102,6 @@ def load_chat_data(cfg, tokenizer, max_len: int, pack: bool, seq_len: int | None
     return one(cfg.train), (one(cfg.val) if cfg.val else None)
 
 
-def setup_lora(model, cfg: SFTConfig | Any, dist: Any = None) -> None:
-    if (cfg.adapter or cfg.lora.enabled) and dist is not None and dist.strategy == "fsdp":
-        raise ValueError("LoRA with train.strategy fsdp is not supported (adapters are small: use ddp)")
-    if cfg.adapter:
-        load_adapter(model, cfg.adapter)
-        for m in lora_modules(model).values():
-            for p in (m.lora_a, m.lora_b):
-                p.requires_grad_(True)
-    elif cfg.lora.enabled:
-        apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
-    n_train, n_all = trainable_parameters(model)
-    print(f"training {n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.2f}%)")
-
-
-def lora_hooks(model, tokenizer):
-    """Checkpoints of a LoRA run hold the adapter only (small); otherwise the whole model folder."""
-    if not lora_modules(model):
-        return model_hooks(model, tokenizer)
-
-    def save_model(folder: Path) -> None:
-        save_adapter(model, Path(folder) / "adapter")
-
-    def load_model(folder: Path) -> None:
-        set_adapter_state(model, load_file(Path(folder) / "adapter" / "adapter_model.safetensors"))
-
-    return save_model, load_model
-
-
 def run(cfg: SFTConfig, dist=None) -> FitResult:
     """Fine-tunes, reports held-out accuracy before/after, writes <out_dir>/model (and adapter/)."""
     from lmforge.data.sft import eval_prompts
@@ -194,57 +114,35 @@ def run(cfg: SFTConfig, dist=None) -> FitResult:
         print(f"held-out answer accuracy before: exact {before['exact_match']:.1%}, contains {before['contains']:.1%}"
               f" (n={before['n']})")
     setup_lora(model, cfg, dist)
-    from lmforge.recipes.pretrain import split_batch
-
     micro, accum = split_batch(cfg.batch_size, cfg.micro_batch_size, world)
     device = model.device
-    cache: dict[int, dict] = {}
-
-    def get_batch(step: int, i: int) -> dict:
-        if step not in cache:
-            cache.clear()
-            cache[step] = train.batch(step, cfg.batch_size, cfg.train.seed, rank=rank, world_size=world)
-        return _micro(cache[step], i, micro, device)
+    get_batch = step_batches(train, cfg, rank, world, micro, device, answer_rows)
 
     def evaluate(m) -> dict[str, float]:
         total, n = 0.0, 0
         for b in val.eval_batches(micro, cfg.eval_batches) if val is not None else []:
-            b = _to(b, device)
+            b = to_device(b, device)
             loss, _ = masked_lm_loss(m, b)
             total, n = total + float(loss), n + int(b["n"])
-        loss = total / max(n, 1)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        return val_metrics(total, n)
 
     save_model, load_model = lora_hooks(model, tokenizer)
     result = fit(model, get_batch, masked_lm_loss, cfg.train, out, evaluate=evaluate if val is not None else None,
                  save_model=save_model, load_model=load_model, grad_accum=accum, dist=dist)
-    sharded = dist is not None and dist.strategy == "fsdp"
-    if sharded:
-        save_final(model, tokenizer, out / "model", dist)
-    elif rank == 0:
-        after = answer_accuracy(model, tokenizer, prompts, cfg.eval_max_new_tokens) if prompts else {}
-        if lora_modules(model):
-            save_adapter(model, out / "adapter", base_model=cfg.model.init_from)
-            merge_lora(model)
-        save(model, tokenizer, out / "model")
-        if after:
-            print(f"held-out answer accuracy: before exact {before['exact_match']:.1%} / contains "
-                  f"{before['contains']:.1%}  ->  after exact {after['exact_match']:.1%} / contains "
-                  f"{after['contains']:.1%} (n={after['n']})")
-            result.last_eval.update({f"before_{k}": v for k, v in before.items()} |
-                                    {f"after_{k}": v for k, v in after.items()})
-        print(f"wrote {out / 'model'}" + (f" and {out / 'adapter'}" if (out / "adapter").exists() else ""))
+    if rank == 0 and prompts and not (dist is not None and dist.strategy == "fsdp"):  # sharded: no generation
+        after = answer_accuracy(model, tokenizer, prompts, cfg.eval_max_new_tokens)
+        print(f"held-out answer accuracy: before exact {before['exact_match']:.1%} / contains "
+              f"{before['contains']:.1%}  ->  after exact {after['exact_match']:.1%} / contains "
+              f"{after['contains']:.1%} (n={after['n']})")
+        result.last_eval.update({f"before_{k}": v for k, v in before.items()} |
+                                {f"after_{k}": v for k, v in after.items()})
+    save_final(model, tokenizer, out, dist, base_model=cfg.model.init_from)
     return result
 
 
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _micro(batch: dict, i: int, micro: int, device) -> dict:
-    """Rows [i*micro, (i+1)*micro) of a rank's batch, with their own count of labelled tokens."""
-    rows = slice(i * micro, (i + 1) * micro)
+def answer_rows(batch: dict, rows: slice) -> dict:
+    """Rows of a rank's batch of examples, with their own count of labelled tokens."""
     out = {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
     out["n"] = int((out["y"] != IGNORE).sum())
     out["tokens"] = out["x"].numel()  # positions processed, for the tokens/s figure
-    return _to(out, device)
+    return out
