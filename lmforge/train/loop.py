@@ -18,7 +18,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lmforge import kernels
 from lmforge.checkpoint.run import (
     latest_checkpoint,
     prune_checkpoints,
@@ -26,6 +25,7 @@ from lmforge.checkpoint.run import (
     set_rng_state,
     write_checkpoint,
 )
+from lmforge.kernels import accelerate
 from lmforge.train.distributed import load_optimizer_state
 from lmforge.train.metrics import MetricsWriter, Throughput
 from lmforge.train.optim import build_optimizer, lr_factor
@@ -185,11 +185,10 @@ def fit(
         if load_model is None:
             raise ValueError("resume needs load_model to restore the weights")
         load_model(resumed[0])  # into the plain model: whole weights, before DDP copies them or FSDP shards them
+    model = accelerate(model)  # the fast modules (kernels/; built on first use), before DDP/FSDP wraps them
     if dist is not None:
         model = dist.wrap(model)
     device = next(model.parameters()).device
-    if device.type == "cpu":
-        kernels.prebuild()  # the CPU kernels not built yet, all at once (first use only)
     amp_dtype = _amp_dtype(cfg.precision, device)
     optimizer, schedule = _optimizer(model, cfg)
     start = _restore(*resumed, model, optimizer, schedule, world, is_main) if resumed is not None else 0
