@@ -15,7 +15,6 @@ import lmforge
 from lmforge.cli import main, run
 from lmforge.evaluate import choice_logprobs, multiple_choice, perplexity
 from lmforge.generate import generate
-from lmforge.tokenizer import train_tokenizer
 from tests.fixtures.hf_models import hf_model
 
 TEXTS = ["The cat sat on the mat.", "A dog ran in the park.", "Numbers: 12345 and 678.", "A longer document " * 6]
@@ -23,12 +22,9 @@ PROMPT = "The cat"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
+def folder(tiny_folder) -> Path:
     """A tiny random llama-family model with a byte-level BPE tokenizer, saved as a model folder."""
-    tok = train_tokenizer(TEXTS * 3, 300)
-    torch.manual_seed(0)
-    config = lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size, max_seq_len=64, init_std=0.2)
-    return lmforge.save(lmforge.Transformer(config).eval(), tok, tmp_path_factory.mktemp("cli") / "model")
+    return tiny_folder
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,13 @@
 """Bad input on the command line ends in one `lmforge: error:` line naming the option, file or value (exit 2),
 before anything is written; and the options that declare what a run is (special tokens, --resume) reach it."""
 
+import shutil
+
 import pytest
 import torch
 
 import lmforge
 from lmforge.cli import _build, _parser, main
-from lmforge.config import ModelConfig
-from lmforge.data.documents import iter_texts
-from lmforge.model import Transformer
 from lmforge.recipes.pretrain import PretrainConfig
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
@@ -23,16 +22,11 @@ def fails(argv, capsys, code=2) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A tiny saved model folder and a small text file."""
+def tiny(tmp_path_factory, tiny_folder):
+    """A tiny saved model folder (a copy: tests change it) and a small text file."""
     d = tmp_path_factory.mktemp("cli")
-    text = d / "c.txt"
-    text.write_text("".join(f"the cat sat on mat {i} 中文\n" for i in range(60)), encoding="utf-8")
-    tok = train_tokenizer(iter_texts([text]), 300)
-    cfg = ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2,
-                                  n_kv_heads=1, ffn_dim=64, max_seq_len=64)
-    torch.manual_seed(0)
-    lmforge.save(Transformer(cfg), tok, d / "m")
+    (d / "c.txt").write_text("".join(f"the cat sat on mat {i} 中文\n" for i in range(60)), encoding="utf-8")
+    shutil.copytree(tiny_folder, d / "m")
     return d
 
 

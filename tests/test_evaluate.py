@@ -10,23 +10,18 @@ import torch
 import lmforge
 from lmforge.data.labels import IGNORE
 from lmforge.evaluate import choice_logprobs, multiple_choice, perplexity
-from lmforge.tokenizer import train_tokenizer
 
 TEXTS = ["The cat sat on the mat.", "Ünïcode 你好 and numbers 12345.", "short", "A longer document " * 4]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tiny_folder):
     """A tiny random llama-family model over a byte-level tokenizer, and the same weights in `transformers`."""
     import transformers as tf
 
-    tok = train_tokenizer(TEXTS * 3, 300)
-    torch.manual_seed(0)
-    config = lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=tok.vocab_size, max_seq_len=64, init_std=0.2)
-    model = lmforge.Transformer(config).eval()
-    folder = lmforge.save(model, tok, tmp_path_factory.mktemp("m") / "model")
-    ref = tf.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
-    return model, tok, ref
+    model, tok = lmforge.load(tiny_folder, device="cpu")
+    ref = tf.AutoModelForCausalLM.from_pretrained(tiny_folder, attn_implementation="eager").eval()
+    return model.eval(), tok, ref
 
 
 def test_perplexity_matches_transformers_on_the_same_windows(setup, tmp_path):

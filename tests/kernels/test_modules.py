@@ -6,12 +6,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import ModelConfig
 from lmforge.kernels import accelerate, restore
 from lmforge.kernels.cpu import Plan
 from lmforge.kernels.modules import FAST, CpuLinear
 from lmforge.lora import apply_lora
 from lmforge.model import Transformer
+from tests.fixtures.tiny import make_tiny
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -67,9 +67,7 @@ FAMILIES = {
 
 
 def _tiny(family: str) -> Transformer:
-    torch.manual_seed(0)
-    return Transformer(ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=64,
-                                   **FAMILIES[family]))
+    return make_tiny(96, dim=32, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=64, **FAMILIES[family])
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

