@@ -54,11 +54,13 @@ class GenerationConfig:
 # ---- the steps ---------------------------------------------------------------------------------------------
 
 
-def prefill(model: Transformer, ids: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+def prefill(model: Transformer, ids: torch.Tensor, offsets: torch.Tensor | None = None,
+            cache_rows: slice | None = None) -> torch.Tensor:
     """Runs the prompt (B, P) through the model once, filling the KV cache; returns the last logits (B, vocab).
 
     offsets: (B, 1) left-pad counts. Pad keys are masked out and positions start at 0 at each row's first real
-    token; a pad query sees only itself, so no attention row is empty (which would give NaN)."""
+    token; a pad query sees only itself, so no attention row is empty (which would give NaN). cache_rows: the
+    cache rows to fill (default the first B; a server fills a free row while the others keep theirs)."""
     B, P = ids.shape
     positions = torch.arange(P, device=ids.device)  # (P,) cache slots
     mask = position_ids = None
@@ -69,12 +71,16 @@ def prefill(model: Transformer, ids: torch.Tensor, offsets: torch.Tensor | None 
         position_ids = (positions - offsets).clamp(min=0)  # (B, P)
     last = torch.zeros(B, P, dtype=torch.bool, device=ids.device)
     last[:, -1] = True  # the LM head only at the last position: not (B, P, vocab) logits for a long prompt
+    if cache_rows is not None:  # a plain model call otherwise: stand-ins (tests) need not take the argument
+        return model(ids, positions=positions, mask=mask, position_ids=position_ids, logits_at=last,
+                     cache_rows=cache_rows).float()  # (B, vocab)
     return model(ids, positions=positions, mask=mask, position_ids=position_ids, logits_at=last).float()  # (B, vocab)
 
 
 def decode_one_token(model: Transformer, token: torch.Tensor, pos: torch.Tensor,
                      key_valid: torch.Tensor | None = None, offsets: torch.Tensor | None = None) -> torch.Tensor:
-    """One step: `token` (B, 1) at cache slot `pos` (1,) -> next-token logits (B, vocab) in fp32.
+    """One step: `token` (B, 1) at cache slot `pos` (1,) -> next-token logits (B, vocab) in fp32. `pos` may be
+    (B, 1), each row's own slot (rows holding sequences of different lengths: a server's continuous batch).
 
     key_valid: (B, S) False at pad slots; S is the filled length (eager, and compiled on CPU: one graph with S
     dynamic) or the whole cache (CUDA graphs need fixed shapes). offsets: (B, 1) left-pad counts, so row b
@@ -202,7 +208,7 @@ class TextStream:
         return text[len(before):]
 
 
-def _safe_end(text: str, stop_strings: Sequence[str]) -> int:
+def safe_end(text: str, stop_strings: Sequence[str]) -> int:
     """Length of `text` that can be shown: a tail that may be the start of a stop string is held back."""
     end = len(text)
     for s in stop_strings:
@@ -217,12 +223,33 @@ def _safe_end(text: str, stop_strings: Sequence[str]) -> int:
 
 
 @dataclass
-class _Row:
+class Row:
+    """One sequence's output so far (generation's and a server's)."""
+
     ids: list[int] = field(default_factory=list)  # new tokens, without a final stop id
     decoder: TextStream | None = None
     text: str = ""
     stop_at: int | None = None  # where a stop string starts in `text`
     done: bool = False
+
+
+def stop_ids(tokenizer: Any, extra: Sequence[int] = ()) -> set[int]:
+    """The ids that end a reply: `extra`, the tokenizer's eos and its other stop ids (e.g. end of turn)."""
+    stops = set(extra)
+    if tokenizer is not None:
+        stops |= {tokenizer.eos_id, *getattr(tokenizer, "stop_ids", ())} - {None}
+    return stops
+
+
+def unseen_text(row: Row, sent: int, stop_strings: Sequence[str], final: bool = False) -> str:
+    """The part of `row.text` after the `sent` characters already shown that can be shown now: never a stop
+    string or the start of one. `final` (the row is done): also what the decoder still holds back and a
+    partial stop string."""
+    if final and row.stop_at is None and row.decoder is not None:
+        row.text += row.decoder.flush()
+        return row.text[sent:]
+    end = row.stop_at if row.stop_at is not None else safe_end(row.text, stop_strings)
+    return row.text[sent:end] if end > sent else ""
 
 
 def _cache_len(model: Transformer, batch: int, need: int, compiled: bool) -> tuple[int, bool]:
@@ -238,7 +265,7 @@ def _cache_len(model: Transformer, batch: int, need: int, compiled: bool) -> tup
 
 @torch.inference_mode()
 def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, tokenizer: Any,
-         with_text: bool) -> Iterator[list[_Row]]:
+         with_text: bool) -> Iterator[list[Row]]:
     """The decoding loop; yields the rows after each new token until every row is done."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -249,12 +276,10 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
         raise ValueError(f"the prompt has {P} tokens but the model's context is {limit} tokens")
     total = min(limit, P + cfg.max_new_tokens)  # prompt + new tokens never exceed the context
     n_new = total - P
-    rows = [_Row(decoder=TextStream(tokenizer) if with_text else None) for _ in prompts]
+    rows = [Row(decoder=TextStream(tokenizer) if with_text else None) for _ in prompts]
     if n_new == 0:
         return
-    stops = set(cfg.stop_ids)
-    if tokenizer is not None:
-        stops |= {tokenizer.eos_id, *getattr(tokenizer, "stop_ids", ())} - {None}
+    stops = stop_ids(tokenizer, cfg.stop_ids)
     pad = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id is not None else 0
     device = model.device
     accelerate(model, training=False)  # the fast modules (a no-op after the first call but for the plan)
@@ -298,7 +323,7 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
                 newly_done = False
                 for row, tok in zip(rows, ready()):
                     if not row.done:
-                        newly_done |= _accept(row, tok, stops, cfg.stop_strings, n_new)
+                        newly_done |= accept_token(row, tok, stops, cfg.stop_strings, n_new)
                 yield rows
                 if all(r.done for r in rows):
                     break
@@ -324,7 +349,7 @@ def _to_host(token: torch.Tensor) -> Callable[[], list[int]]:
     return wait
 
 
-def _accept(row: _Row, tok: int, stops: set[int], stop_strings: Sequence[str], n_new: int) -> bool:
+def accept_token(row: Row, tok: int, stops: set[int], stop_strings: Sequence[str], n_new: int) -> bool:
     """Adds `tok` to a row that is not done; True when the row stops by a stop id or stop string."""
     if tok in stops:
         row.done = True
@@ -368,11 +393,8 @@ def stream(model: Transformer, tokenizer: Any, prompt: str | Sequence[int], max_
     sent, row = 0, None
     for rows in _run(model, [ids], cfg, tokenizer, with_text=True):
         row = rows[0]
-        end = row.stop_at if row.stop_at is not None else _safe_end(row.text, cfg.stop_strings)
-        if end > sent:
-            yield row.text[sent:end]
-            sent = end
-    if row is not None and row.stop_at is None:  # what the decoder still holds back, and any partial stop
-        row.text += row.decoder.flush()
-        if len(row.text) > sent:
-            yield row.text[sent:]
+        if piece := unseen_text(row, sent, cfg.stop_strings):
+            yield piece
+            sent += len(piece)
+    if row is not None and (piece := unseen_text(row, sent, cfg.stop_strings, final=True)):
+        yield piece  # what the decoder still holds back, and any partial stop

@@ -103,7 +103,8 @@ def sinusoidal_table(max_len: int, dim: int) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """Static K/V buffers (B, n_kv_heads, max_len, head_dim), written at the given positions."""
+    """Static K/V buffers (batch, n_kv_heads, max_len, head_dim), written at the given positions. Each row is
+    one sequence; with per-row positions the rows may hold sequences of different lengths (a server's slots)."""
 
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device) -> None:
         super().__init__()
@@ -111,10 +112,22 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k[: k.shape[0], :, pos] = k
-        self.v[: v.shape[0], :, pos] = v
-        return self.k[: k.shape[0]], self.v[: v.shape[0]]
+    def update(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: slice | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes k, v (B, K, T, D) at slots `pos`: (T,) the same for every row, or (B, T) each row's own. `rows`:
+        the cache rows these B rows are (default the first B). Returns those rows' buffers (B, K, max_len, D)."""
+        if rows is None and pos.dim() == 1:
+            self.k[: k.shape[0], :, pos] = k
+            self.v[: v.shape[0], :, pos] = v
+            return self.k[: k.shape[0]], self.v[: v.shape[0]]
+        rows = slice(0, k.shape[0]) if rows is None else rows
+        keys, values = self.k[rows], self.v[rows]  # views (B, K, max_len, D)
+        if pos.dim() == 1:
+            keys[:, :, pos], values[:, :, pos] = k, v
+        else:
+            row = torch.arange(k.shape[0], device=pos.device)[:, None]  # (B, 1): with pos (B, T), one slot each
+            keys[row, :, pos], values[row, :, pos] = k.transpose(1, 2), v.transpose(1, 2)  # indexed (B, T, K, D)
+        return keys, values
 
 
 class SoftmaxAttention(nn.Module):
@@ -149,7 +162,7 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, rope: tuple | None, mask: torch.Tensor | None,
-                pos: torch.Tensor | None) -> torch.Tensor:
+                pos: torch.Tensor | None, rows: slice | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         # split, not slicing: the backward of split is one concatenation, that of a slice a zero-filled copy
@@ -159,7 +172,7 @@ class Attention(nn.Module):
         q, k = qk.split([H, K], dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D), (B, K, T, D) x2
         if self.cache is not None:
-            k, v = self.cache.update(pos, k, v)  # (B, K, max_len, D)
+            k, v = self.cache.update(pos, k, v, rows)  # (B, K, max_len, D)
             if mask is not None and mask.shape[-1] < k.shape[2]:  # attend only to the filled prefix
                 k, v = k[:, :, : mask.shape[-1]], v[:, :, : mask.shape[-1]]
         y = self.attend(q, k, v, mask)  # (B, H, T, D)
@@ -216,8 +229,8 @@ class Block(nn.Module):
         self.attn_norm, self.attn = make_norm(c), Attention(c)
         self.mlp_norm, self.mlp = make_norm(c), (SwiGLU(c) if c.mlp == "swiglu" else GeluMLP(c))
 
-    def forward(self, x, rope, mask, pos):
-        x = x + self.attn(self.attn_norm(x), rope, mask, pos)
+    def forward(self, x, rope, mask, pos, rows=None):
+        x = x + self.attn(self.attn_norm(x), rope, mask, pos, rows)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -302,14 +315,18 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None, labels: torch.Tensor | None = None
-                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                logits_at: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                cache_rows: slice | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits (B, T, vocab) for `input_ids` (B, T) — or, given `labels`, the training loss.
 
         positions: (T,) where these tokens sit in the sequence, and their KV-cache slots; default 0..T-1.
+          Or (B, T), each row's own (rows of a KV cache that hold sequences of different lengths: a server's
+          continuous batch); the default mask is then causal per row.
         mask: optional bool (B or 1, 1, T, S) — True where a query may attend to a key; default causal.
           With a cache, S is the number of filled slots (keys beyond are ignored).
         position_ids: optional (B, T) per-row positions for the position encoding (left-padded batches).
+        cache_rows: optional slice, the KV-cache rows these B rows read and write (default the first B): a
+          server prefills a new request into its own row while the other rows keep their sequences.
         logits_at: optional bool (B, T): compute the LM head only there and return (N, vocab) logits for
           the N selected positions — fine-tuning needs them at answer tokens only (saves the big matmul).
         labels: optional (B, T) next tokens (IGNORE = -100 where nothing counts): returns (summed
@@ -330,8 +347,9 @@ class Transformer(nn.Module):
             positions = torch.arange(T, device=self.device)
         positions = positions.to(self.device)
         limit = self.cache_len if cached else c.max_seq_len
-        if T > c.max_seq_len or (not torch.compiler.is_compiling() and int(positions[-1]) >= limit):
-            raise ValueError(f"sequence of {int(positions[-1]) + 1} tokens exceeds the limit of {limit} "
+        last = None if torch.compiler.is_compiling() else int(positions[..., -1].max())  # the furthest slot
+        if T > c.max_seq_len or (last is not None and last >= limit):
+            raise ValueError(f"sequence of {last + 1} tokens exceeds the limit of {limit} "
                              f"({'KV cache length' if cached else 'max_seq_len'})")
         pos_ids = positions if position_ids is None else position_ids.to(self.device)  # (T,) or (B, T)
 
@@ -350,13 +368,14 @@ class Transformer(nn.Module):
 
         if cached and mask is None:
             # causal over cache slots: key slot j visible to the query at slot i when j <= i
-            n = int(positions[-1]) + 1 if not torch.compiler.is_compiling() else self.cache_len
-            mask = positions[:, None] >= torch.arange(n, device=self.device)  # (T, S)
+            n = last + 1 if last is not None else self.cache_len
+            mask = positions[..., None] >= torch.arange(n, device=self.device)  # (T, S) or (B, T, S)
+            mask = mask[:, None] if mask.dim() == 3 else mask  # (T, S) or (B, 1, T, S)
         needs_float = c.position == "alibi" or c.sliding_window is not None
         if needs_float or (mask is not None and mask.dim() == 2):
             mask = self._mask(positions, mask, T, x.dtype)
         for block in self.layers:
-            x = block(x, rope, mask, positions)
+            x = block(x, rope, mask, positions, cache_rows)
         x = self.norm(x)  # (B, T, dim)
         if logits_at is not None:
             logits_at = logits_at.to(x.device)
@@ -369,16 +388,17 @@ class Transformer(nn.Module):
         """Adds causality, the sliding window and ALiBi to `mask`; returns a (B|1, H|1, T, S) mask."""
         c = self.config
         if mask is None:
-            mask = positions[:, None] >= torch.arange(T, device=self.device)  # (T, T) causal
-        if mask.dim() == 2:
-            mask = mask[None, None]  # (1, 1, T, S)
+            mask = positions[..., None] >= torch.arange(T, device=self.device)  # (T, T) or (B, T, T) causal
+        if mask.dim() < 4:
+            mask = mask[None, None] if mask.dim() == 2 else mask[:, None]  # (1, 1, T, S) or (B, 1, T, S)
         S = mask.shape[-1]
-        rel = torch.arange(S, device=self.device) - positions[:, None]  # (T, S): key - query, <= 0 visible
+        rel = torch.arange(S, device=self.device) - positions[..., None]  # (T, S): key - query, <= 0 visible
+        rel = rel[:, None] if rel.dim() == 3 else rel  # per-row positions: (B, 1, T, S)
         if c.sliding_window is not None:
             mask = mask & (rel > -c.sliding_window)
         if c.position != "alibi":
             return mask
-        bias = self.alibi.to(dtype)[:, None, None] * rel.to(dtype)  # (H, T, S)
+        bias = self.alibi.to(dtype)[:, None, None] * rel.to(dtype)  # (H, T, S) or (B, H, T, S)
         return bias.masked_fill(~mask, float("-inf"))  # (B|1, H, T, S)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
