@@ -7,6 +7,7 @@ line naming the file or option and exit with status 2 — never a traceback from
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -303,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
     from lmforge.checkpoint import CheckpointError
     from lmforge.config import ConfigError
     from lmforge.train.distributed import DistributedError, shutdown
-    from lmforge.train.loop import NonFiniteError
+    from lmforge.train.loop import NonFiniteError, Stopped
     from lmforge.utils import PlacementError, placement_errors
 
     try:
@@ -321,6 +322,11 @@ def main(argv: list[str] | None = None) -> None:
     except jinja2.TemplateError as e:  # the model's chat template is broken or refuses these messages
         print(f"lmforge: error: chat template: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
+    except Stopped as e:  # SIGINT/SIGTERM: the run stopped after a step, with a checkpoint there
+        args = list(sys.argv[1:] if argv is None else argv)
+        again = args if "--resume" in args or args[:1] == ["quickstart"] else [*args, "--resume"]
+        print(f"lmforge: {e}. Continue with: lmforge {shlex.join(again)}", file=sys.stderr)
+        sys.exit(130 if e.signal_name == "SIGINT" else 143)  # 128 + the signal's number, as a shell reports it
     except NonFiniteError as e:  # the run stopped; its last good checkpoint is untouched
         print(f"lmforge: error: {e}", file=sys.stderr)
         sys.exit(1)

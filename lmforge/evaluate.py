@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from lmforge.data.errors import DataError
 from lmforge.kernels import accelerate
 from lmforge.model import Transformer
+from lmforge.utils import progress_bar
 
 
 def _ready(model: Transformer) -> None:
@@ -59,7 +59,7 @@ def perplexity(model: Transformer, tokenizer: Any, path_or_texts: str | os.PathL
     batches = [full[i:i + batch_size] for i in range(0, len(full), batch_size)]
     batches += [[w] for w in windows if len(w) < seq_len]
     nll, n = 0.0, 0
-    for batch in tqdm(batches, desc="perplexity", unit="batch", disable=not progress):
+    for batch in progress_bar(batches, desc="perplexity", unit="batch", disable=not progress):
         x = torch.tensor(batch, device=model.device)  # (B, T)
         logits = model(x[:, :-1])  # (B, T - 1, vocab)
         nll += F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
@@ -136,7 +136,7 @@ def multiple_choice(model: Transformer, tokenizer: Any, path: str | os.PathLike,
     path = Path(path)
     items = _read_choices(path)
     hits = hits_norm = 0
-    for question, choices, answer in tqdm(items, desc="multiple choice", unit="q", disable=not progress):
+    for question, choices, answer in progress_bar(items, desc="multiple choice", unit="q", disable=not progress):
         scores = choice_logprobs(model, tokenizer, question, choices)
         normed = [s / len(c) for s, c in zip(scores, choices)]
         hits += max(range(len(choices)), key=scores.__getitem__) == answer

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+from tqdm import tqdm
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -43,6 +46,27 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if backend is None or not getattr(backend, "is_available", lambda: False)():
             raise ValueError(f"device {str(device)!r} is not available here; use 'cpu'")
     return device
+
+
+class _Lines:
+    """A file for tqdm where stderr is no terminal (a log file, a pipe, CI): each refresh becomes one plain line,
+    instead of a bar redrawn with carriage returns."""
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").strip()
+        if s:
+            sys.stderr.write(s + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def progress_bar(iterable: Any = None, *, interval: float = 10.0, **kwargs: Any) -> tqdm:
+    """A tqdm progress bar on a terminal; where stderr is a file or a pipe, a plain line every `interval` seconds
+    (and one at the end)."""
+    if sys.stderr.isatty():
+        return tqdm(iterable, dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, file=_Lines(), mininterval=interval, ncols=100, ascii=True, **kwargs)
 
 
 class PlacementError(RuntimeError):

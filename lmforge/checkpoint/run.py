@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,13 +50,35 @@ def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]] | None:
-    """The newest complete checkpoint and its train state, or None. `weights_only`: tensors and plain data only,
-    and the file is our own."""
-    done = checkpoints(run_dir)
-    if not done:
-        return None
-    return done[-1], torch.load(done[-1] / TRAIN_STATE, weights_only=True, map_location="cpu")
+def resume_checkpoint(run_dir: str | os.PathLike, load_model: Callable[[Path], None], main: bool = True
+                      ) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads — its train state read and its weights loaded by `load_model` — or None
+    when the run has none. A newer one that fails (a disk that filled up, a file damaged after it was written)
+    is named and kept, renamed to `step-N.broken` by the main process so that neither pruning nor the resumed
+    run writes over it, and the one before it is used. None of them loading is an error: a run that resumes
+    must not start over. `weights_only`: tensors and plain data only, and the file is our own."""
+    broken = []
+    for folder in reversed(checkpoints(run_dir)):
+        try:
+            state = torch.load(folder / TRAIN_STATE, weights_only=True, map_location="cpu")
+            load_model(folder)
+        except Exception as e:  # whatever is wrong with it, the previous checkpoint may be whole
+            broken.append(f"{folder.name} ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})")
+            if main:
+                aside = folder.with_name(f"{folder.name}.broken")
+                n = 1
+                while aside.exists():
+                    n += 1
+                    aside = folder.with_name(f"{folder.name}.broken-{n}")
+                os.replace(folder, aside)
+            continue
+        if broken and main:
+            print(f"lmforge: checkpoint(s) that do not load, kept as <name>.broken: {'; '.join(broken)}; resuming "
+                  f"from {folder.name}", file=sys.stderr, flush=True)
+        return folder, state
+    if broken:
+        raise ValueError(f"{run_dir}: no checkpoint loads ({'; '.join(broken)}); they are kept as <name>.broken")
+    return None
 
 
 def write_checkpoint(folder: Path, save_model: Callable[[Path], None], state: dict[str, Any]) -> None:

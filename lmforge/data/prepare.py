@@ -23,12 +23,12 @@ from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer as Backend
-from tqdm import tqdm
 
 from lmforge.checkpoint.atomic import atomic_file, write_text_atomic
 from lmforge.data.documents import Piece, cut_file, file_bytes, iter_piece, resolve_sources
 from lmforge.data.errors import DataError
 from lmforge.tokenizer import Tokenizer
+from lmforge.utils import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -300,8 +300,8 @@ def prepare(
     bos_id = tokenizer.bos_id if tokenizer.add_bos else None
     jobs = [_Job(p, str(out), tok_hash, dtype, tokenizer.eos_id, bos_id, val_fraction, seed, skip_bad_lines)
             for p in todo]
-    bar = tqdm(total=sum(p.nbytes for p in parts), initial=sum(p.nbytes for p in parts if p.index in metas),
-               unit="B", unit_scale=True, desc="prepare", disable=None if progress is None else not progress)
+    bar = progress_bar(total=sum(p.nbytes for p in parts), initial=sum(p.nbytes for p in parts if p.index in metas),
+                       unit="B", unit_scale=True, desc="prepare", disable=progress is False)
     workers = max(1, min(workers or _n_cpus(), len(jobs)))
     try:
         if workers == 1:
@@ -328,7 +328,7 @@ def prepare(
 
 
 def _run_pool(jobs: list[_Job], workers: int, tokenizer_json: str, metas: dict[int, dict[str, Any]],
-              bar: tqdm) -> None:
+              bar: Any) -> None:
     """Run jobs in worker processes; on the first error, cancel the parts not started and re-raise."""
     # fork on Linux: workers start at once, without re-importing torch; they use only numpy and tokenizers
     ctx = get_context("fork" if sys.platform == "linux" else "spawn")

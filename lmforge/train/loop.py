@@ -7,6 +7,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
+import sys
+import threading
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -16,11 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from lmforge.checkpoint.run import (
-    latest_checkpoint,
     prune_checkpoints,
+    resume_checkpoint,
     rng_state,
     set_rng_state,
     write_checkpoint,
@@ -29,7 +31,7 @@ from lmforge.kernels import accelerate
 from lmforge.train.distributed import load_optimizer_state
 from lmforge.train.metrics import MetricsWriter, Throughput
 from lmforge.train.optim import build_optimizer, lr_factor
-from lmforge.utils import autocast
+from lmforge.utils import autocast, progress_bar
 
 Batch = dict[str, Any]
 # loss_fn(model, batch) -> (summed loss, metrics to log: name -> summed value). batch["n"] = units it counts.
@@ -125,6 +127,51 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradient stopped being a finite number."""
 
 
+class Stopped(RuntimeError):
+    """The run was asked to stop (SIGINT, SIGTERM) and did, after a whole step, with a checkpoint at that step
+    when it writes checkpoints: resuming (train.resume) goes on exactly as if it had never stopped."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None) -> None:
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        where = f"; checkpoint {checkpoint}" if checkpoint is not None else " (this run writes no checkpoints)"
+        super().__init__(f"stopped by {signal_name} after step {step}{where}")
+
+
+class StopSignals:
+    """Within the block, a first SIGINT or SIGTERM only asks the loop to stop after its current step (SLURM
+    and other schedulers send SIGTERM before they take the node); a second aborts at once
+    (KeyboardInterrupt), and the checkpoints already written stay usable. Handlers exist only in the main
+    thread; elsewhere the block changes nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> StopSignals:
+        self.name: str | None = None
+        self._before = {}
+        if threading.current_thread() is threading.main_thread():
+            self._before = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        print(f"\nlmforge: {self.name}: stopping after this step, with a checkpoint (again: stop at once)",
+              file=sys.stderr, flush=True)
+
+    def agreed(self, dist: Any) -> bool:
+        """Whether to stop now: asked here, or (under torchrun) in any process; all then stop together."""
+        asked = self.name is not None
+        if dist is not None:
+            asked = dist.all_reduce_sum(float(asked)) > 0
+            self.name = self.name or ("a signal to another process" if asked else None)
+        return asked
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._before.items():
+            signal.signal(s, handler)
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -180,11 +227,11 @@ def fit(
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed, cfg.deterministic)
-    resumed = latest_checkpoint(run_dir) if cfg.resume else None  # (folder, train state)
-    if resumed is not None:
-        if load_model is None:
-            raise ValueError("resume needs load_model to restore the weights")
-        load_model(resumed[0])  # into the plain model: whole weights, before DDP copies them or FSDP shards them
+    if cfg.resume and load_model is None:
+        raise ValueError("resume needs load_model to restore the weights")
+    # (folder, train state) of the newest checkpoint that loads, its weights loaded into the plain model: whole
+    # weights, before DDP copies them or FSDP shards them
+    resumed = resume_checkpoint(run_dir, load_model, is_main) if cfg.resume else None
     model = accelerate(model)  # the fast modules (kernels/; built on first use), before DDP/FSDP wraps them
     if dist is not None:
         model = dist.wrap(model)
@@ -211,53 +258,59 @@ def fit(
 
     losses: list[float] = []
     last_eval: dict[str, float] = {}
-    bar = tqdm(total=cfg.max_steps, initial=start, disable=not (cfg.progress and is_main), dynamic_ncols=True)
+    bar = progress_bar(total=cfg.max_steps, initial=start, disable=not (cfg.progress and is_main))
     model.train()
     speed = Throughput()
     end = min(cfg.stop_at or cfg.max_steps, cfg.max_steps)
     acc = torch.float32 if device.type == "mps" else torch.float64  # Apple's GPU has no float64
-    for step in range(start, end):
-        micro = [get_batch(step, i) for i in range(grad_accum)]
-        n_total = _global_count(micro, dist)
-        # the step's loss, metrics and gradient norm stay on the device until its end: one host sync per step
-        # (a sync per micro-batch would leave a GPU idle while the host queues each backward)
-        loss_sum: torch.Tensor | float = 0.0
-        sums: dict[str, Any] = {}
-        for i, batch in enumerate(micro):
-            with autocast(device, amp_dtype), (dist.no_sync(model, i < len(micro) - 1) if dist else nullcontext()):
-                loss, values = step_loss(model, batch)
-                # DDP and FSDP average gradients over processes; x world turns that into the global sum
-                (loss * world / n_total).backward()
-            loss_sum = loss_sum + loss.detach().to(acc)  # float64: as exact as summing Python floats
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + (v.detach().to(acc) if isinstance(v, torch.Tensor) else v)
-            speed.add(int(batch.get("tokens", batch["n"])))
-        # the global norm, also over FSDP's sharded gradients (DTensors)
-        norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else
-                torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-        loss_sum, grad_norm, sums = _step_totals(loss_sum, norm, sums, acc, dist)
-        skip = _skip_nonfinite(step + 1, loss_sum, grad_norm, cfg.skip_nonfinite)
-        if not skip:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        bar.update(1)
-        if skip:
-            metrics.log({"step": step + 1, "skipped_nonfinite": 1})
-            continue
-        loss_mean = loss_sum / n_total
-        losses.append(loss_mean)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
-            tps, lr = speed.per_second() * world, schedule.get_last_lr()[0]
-            metrics.log({"step": step + 1, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm,
-                         "tokens_per_s": tps, **{k: v / n_total for k, v in sums.items()}})
-            bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
-        done = step + 1 == end
-        if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
-            last_eval = _evaluate(model, evaluate, device, amp_dtype)
-            metrics.log_eval(step + 1, last_eval)
-        if save_model is not None and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done):
-            checkpoint(step + 1)
+    with StopSignals() as stop:  # SIGINT/SIGTERM: finish the step, checkpoint it, stop
+        for step in range(start, end):
+            micro = [get_batch(step, i) for i in range(grad_accum)]
+            n_total = _global_count(micro, dist)
+            # the step's loss, metrics and gradient norm stay on the device until its end: one host sync per step
+            # (a sync per micro-batch would leave a GPU idle while the host queues each backward)
+            loss_sum: torch.Tensor | float = 0.0
+            sums: dict[str, Any] = {}
+            for i, batch in enumerate(micro):
+                with autocast(device, amp_dtype), (dist.no_sync(model, i < len(micro) - 1) if dist else nullcontext()):
+                    loss, values = step_loss(model, batch)
+                    # DDP and FSDP average gradients over processes; x world turns that into the global sum
+                    (loss * world / n_total).backward()
+                loss_sum = loss_sum + loss.detach().to(acc)  # float64: as exact as summing Python floats
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + (v.detach().to(acc) if isinstance(v, torch.Tensor) else v)
+                speed.add(int(batch.get("tokens", batch["n"])))
+            # the global norm, also over FSDP's sharded gradients (DTensors)
+            norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else
+                    torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+            loss_sum, grad_norm, sums = _step_totals(loss_sum, norm, sums, acc, dist)
+            skip = _skip_nonfinite(step + 1, loss_sum, grad_norm, cfg.skip_nonfinite)
+            if not skip:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            bar.update(1)
+            if skip:
+                metrics.log({"step": step + 1, "skipped_nonfinite": 1})
+            else:
+                loss_mean = loss_sum / n_total
+                losses.append(loss_mean)
+            if not skip and ((step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps):
+                tps, lr = speed.per_second() * world, schedule.get_last_lr()[0]
+                metrics.log({"step": step + 1, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm,
+                             "tokens_per_s": tps, **{k: v / n_total for k, v in sums.items()}})
+                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            stopping = stop.agreed(dist) and step + 1 < end  # every process stops at the same step
+            done = step + 1 == end or stopping
+            if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
+                last_eval = _evaluate(model, evaluate, device, amp_dtype)
+                metrics.log_eval(step + 1, last_eval)
+            if save_model is not None and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done):
+                checkpoint(step + 1)
+            if stopping:
+                bar.close()
+                metrics.close()
+                raise Stopped(stop.name, step + 1, run_dir / "checkpoints" / f"step-{step + 1}" if save_model else None)
     bar.close()
     if evaluate is not None:
         last_eval = _evaluate(model, evaluate, device, amp_dtype)
