@@ -243,10 +243,75 @@ COMMANDS: dict[str, Callable[[Any], None]] = {  # the commands that are not reci
 }
 
 
+def _known_keys(cls: type, prefix: str = "") -> dict[str, bool]:
+    """The dotted keys of a recipe dataclass: key -> whether any sub-key is allowed under it (a dict field)."""
+    import typing
+
+    keys: dict[str, bool] = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, hint = prefix + f.name, hints[f.name]
+        nested = next((t for t in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(t)), None)
+        keys[key] = typing.get_origin(hint) is dict or hint is dict
+        if nested is not None:
+            keys.update(_known_keys(nested, key + "."))
+    return keys
+
+
+def _unknown(key: str, keys: dict[str, bool]) -> str | None:
+    """None if `key` (dotted) is a recipe key; else how to say it is not, with the closest key."""
+    import difflib
+
+    if key in keys or any(allows and key.startswith(k + ".") for k, allows in keys.items()):
+        return None
+    close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.6)
+    return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+def check_recipe_args(cls: type, argv: list[str]) -> None:
+    """Names the first unknown key of a recipe's YAML files (file and key) or options, with the closest known
+    key, in one line (a ConfigError) — before jsonargparse, which would print its whole usage around it."""
+    import yaml
+
+    from lmforge.config import ConfigError
+
+    keys = _known_keys(cls)
+    for i, arg in enumerate(argv):
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if name == "config" and i + 1 < len(argv) or arg.startswith("--config="):
+            path = Path(argv[i + 1] if name == "config" and "=" not in arg else arg.split("=", 1)[1])
+            try:
+                tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                line = f":{mark.line + 1}" if mark is not None else ""
+                raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{path}: cannot be read ({e.strerror if isinstance(e, OSError) else e})") from None
+            if not isinstance(tree, dict):
+                raise ConfigError(f"{path}: a recipe is a YAML mapping of keys (out_dir, model, train, ...)")
+            stack = [("", tree)]
+            while stack:
+                prefix, node = stack.pop()
+                for k, v in node.items():
+                    problem = _unknown(prefix + str(k), keys)
+                    if problem is not None:
+                        raise ConfigError(f"{path}: {problem}")
+                    if isinstance(v, dict) and not keys.get(prefix + str(k), True):
+                        stack.append((prefix + str(k) + ".", v))
+        elif name and name not in ("config", "resume", "help", "print_config") and not name.startswith("print"):
+            problem = _unknown(name, keys)
+            if problem is not None:
+                raise ConfigError(f"option --{name}: {problem.replace('key', 'option', 1)}")
+
+
 def run(argv: list[str] | None = None) -> None:
     """Parses `argv` (default: the process's arguments) and runs the command it names."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in _recipes():
+        check_recipe_args(_recipes()[args[0]][0], args[1:])
     parser = _parser()
-    args = parser.instantiate(parser.parse_args(argv))
+    args = parser.instantiate(parser.parse_args(args))
     a = args[args.command]
     recipe = _recipes().get(args.command)
     if recipe is not None:

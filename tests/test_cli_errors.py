@@ -259,3 +259,18 @@ def test_a_run_folder_given_as_the_model_points_at_its_model(tmp_path, capsys, t
     shutil.copytree(tiny / "m", tmp_path / "run" / "model")
     err = fails(["generate", "--model", str(tmp_path / "run"), "--prompt", "the"], capsys)
     assert f"no config.json — not a model folder (a run folder: its model is {tmp_path / 'run' / 'model'})" in err
+
+
+def test_a_recipe_typo_names_the_file_and_key_in_one_line(tmp_path, capsys):
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text("out_dir: x\nbatch_sise: 4\ntrain:\n  max_steps: 3\n")
+    assert fails(["pretrain", "--config", str(recipe)], capsys) == (
+        f"lmforge: error: {recipe}: unknown key 'batch_sise' (did you mean 'batch_size'?)")
+    recipe.write_text("out_dir: x\ntrain:\n  max_step: 3\nmodel:\n  overrides: {dim: 64}\n")
+    assert fails(["sft", "--config", str(recipe)], capsys) == (
+        f"lmforge: error: {recipe}: unknown key 'train.max_step' (did you mean 'train.max_steps'?)")
+    recipe.write_text("out_dir: x\ntrain:\n  max_steps: [1\n")
+    assert fails(["align", "--config", str(recipe)], capsys).startswith(f"lmforge: error: {recipe}:4: not valid YAML")
+    assert fails(["pretrain", "--train.lr=1e-3", "--trian.max_steps", "3"], capsys) == (
+        "lmforge: error: option --trian.max_steps: unknown option 'trian.max_steps' (did you mean 'train.max_steps'?)")
+    assert not (tmp_path / "x").exists()
