@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.errors import DataError
+from lmforge.data.errors import DataError, json_problem
 
 FORMATS = (".txt", ".jsonl", ".parquet")
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")  # a document boundary in .txt files
@@ -152,7 +152,7 @@ def _iter_jsonl(piece: Piece, bad: Bad) -> Iterator[tuple[str, int]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            bad(f"{where}: malformed JSON ({e.msg} at column {e.colno})")
+            bad(f"{where}: {json_problem(e)}")
             continue
         text = obj.get("text") if isinstance(obj, dict) else None
         if not isinstance(text, str):

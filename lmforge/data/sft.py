@@ -15,7 +15,7 @@ import jinja2
 import numpy as np
 import torch
 
-from lmforge.data.errors import DataError
+from lmforge.data.errors import DataError, json_problem
 from lmforge.data.labels import IGNORE
 from lmforge.data.order import SeededOrder
 from lmforge.tokenizer import Tokenizer
@@ -224,7 +224,7 @@ def read_records(path: str | Path, parse: Callable[[Any], R], stats: LoadStats, 
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                stats.bad(f"{where}: malformed JSON ({e.msg} at column {e.colno})", skip_bad_lines)
+                stats.bad(f"{where}: {json_problem(e)}", skip_bad_lines)
                 continue
             try:
                 yield parse(obj), where

@@ -50,3 +50,13 @@ def test_cut_file_pieces_read_as_the_whole_file(tmp_path: Path, name: str) -> No
     assert not any(p.whole for p, _ in pieces)
     read = [d for p, _ in pieces for d in iter_piece(p, False, None)]  # (document, line) pairs
     assert read == list(iter_documents(tmp_path / name))
+
+
+def test_a_json_problem_is_said_once():
+    import json
+
+    from lmforge.data.errors import json_problem
+
+    with pytest.raises(json.JSONDecodeError) as e:
+        json.loads('{"text": "unterminated')
+    assert json_problem(e.value) == "malformed JSON (unterminated string starting at column 10)"
