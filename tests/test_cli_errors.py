@@ -274,3 +274,25 @@ def test_a_recipe_typo_names_the_file_and_key_in_one_line(tmp_path, capsys):
     assert fails(["pretrain", "--train.lr=1e-3", "--trian.max_steps", "3"], capsys) == (
         "lmforge: error: option --trian.max_steps: unknown option 'trian.max_steps' (did you mean 'train.max_steps'?)")
     assert not (tmp_path / "x").exists()
+
+
+def test_what_the_config_and_the_model_settle_is_refused_before_any_data_is_made(tmp_path, capsys, tiny):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat\n\n" * 20)
+    out = tmp_path / "run"
+    err = fails(["pretrain", "--out_dir", str(out), "--data.sources", f"[{corpus}]", "--data.val_fraction", "0"],
+                capsys)
+    assert "eval_batches=20 but data.val_fraction is 0" in err
+    err = fails(["pretrain", "--out_dir", str(out), "--data.sources", f"[{corpus}]", "--data.seq_len", "65",
+                 "--model.init_from", str(tiny / "m")], capsys)
+    assert err.endswith(f"data.seq_len=65 is longer than the context of {tiny / 'm'} (64 tokens)")
+    assert not (out / "data").exists() and not (out / "tokenizer").exists()
+
+
+def test_prepare_warns_when_the_validation_split_is_empty(tmp_path, caplog, tiny_tokenizer):
+    from lmforge.data.prepare import prepare
+
+    (tmp_path / "one.txt").write_text("a single document\n")
+    with caplog.at_level("WARNING"):
+        prepare([tmp_path / "one.txt"], tiny_tokenizer, tmp_path / "d", val_fraction=0.01, workers=1, progress=False)
+    assert "the validation split of" in caplog.text and "is empty" in caplog.text

@@ -321,6 +321,9 @@ def prepare(
         seed=seed, val_fraction=val_fraction, lmforge_version=_version(),
     )
     manifest.save(out)
+    if val_fraction > 0 and manifest.docs("val") == 0:
+        log.warning("prepare: the validation split of %s is empty: val_fraction %g of %d documents held out none; "
+                    "raise it, or train with eval_batches 0", out, val_fraction, manifest.total_docs)
     if manifest.skipped_lines:
         log.warning("prepare: skipped %d bad lines in %d files (see skipped_examples in %s/manifest.json)",
                     sum(manifest.skipped_lines.values()), len(manifest.skipped_lines), out)

@@ -80,6 +80,9 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         check_batch(self.batch_size, self.micro_batch_size, self.eval_batches)
+        if self.eval_batches and self.data.val_fraction == 0 and not self.data.prepared:
+            raise ValueError(f"eval_batches={self.eval_batches} but data.val_fraction is 0: there will be no "
+                             "validation split; set eval_batches 0 (no evaluation) or a val_fraction above 0")
 
 
 def prepare_tokens(cfg: PretrainConfig, tokenizer: Tokenizer | None, build: bool = True) -> tuple[Tokenizer, Path]:
@@ -93,7 +96,11 @@ def prepare_tokens(cfg: PretrainConfig, tokenizer: Tokenizer | None, build: bool
             raise ValueError("data.prepared needs data.tokenizer (or model.init_from with a tokenizer)")
         from lmforge.data.prepare import Manifest
 
-        made_with = Manifest.load(d.prepared).tokenizer_hash
+        manifest = Manifest.load(d.prepared)
+        made_with = manifest.tokenizer_hash
+        if cfg.eval_batches and manifest.tokens("val") == 0:
+            raise ValueError(f"data.prepared {d.prepared} has no validation split; set eval_batches 0, or prepare "
+                             "it again with a val_fraction above 0")
         if made_with != tokenizer.hash():  # its ids mean other tokens (or none) to this tokenizer
             raise ValueError(f"data.prepared {d.prepared} was made with another tokenizer ({made_with[:12]}…), not "
                              f"this run's ({tokenizer.hash()[:12]}…, from {d.tokenizer or cfg.model.init_from}); "
@@ -134,6 +141,9 @@ def run(cfg: PretrainConfig, dist=None) -> FitResult:
     out, dist, rank, world = start_run(cfg, dist)
     model, tokenizer = build_model(cfg.model, None, cfg.data.seq_len, cfg.train.seed, dist) \
         if cfg.model.init_from else (None, None)
+    if model is not None and cfg.data.seq_len > model.config.max_seq_len:  # before any corpus is read
+        raise ValueError(f"data.seq_len={cfg.data.seq_len} is longer than the context of {cfg.model.init_from} "
+                         f"({model.config.max_seq_len} tokens)")
     if rank == 0:
         tokenizer, data_dir = prepare_tokens(cfg, tokenizer)
     if dist is not None:
