@@ -59,6 +59,7 @@ def _parser() -> ArgumentParser:
     q.add_argument("--sft-steps", type=int, default=Quickstart.sft_steps, help="fine-tuning steps")
     q.add_argument("--align-steps", type=int, default=Quickstart.align_steps, help="DPO steps")
     q.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    q.add_argument("--fresh", action="store_true", help="remove what an earlier quickstart in --out left; start over")
     sub.add_subcommand("quickstart", q, help="tokenizer -> pretrain -> samples -> SFT -> DPO -> chat on an embedded corpus")
 
     for name, (config, _, description, text) in _recipes().items():
@@ -160,7 +161,8 @@ def _quickstart(a: Any) -> None:
     """The whole path on the embedded corpus."""
     from lmforge.recipes.quickstart import run as quickstart
 
-    quickstart(a.out, steps=a.steps, device=a.device, sft_steps=a.sft_steps, align_steps=a.align_steps)
+    quickstart(a.out, steps=a.steps, device=a.device, sft_steps=a.sft_steps, align_steps=a.align_steps,
+               fresh=a.fresh)
 
 
 def _tokenizer(a: Any) -> None:

@@ -1,11 +1,15 @@
 """`lmforge quickstart`: the whole path on an embedded corpus, on CPU, in minutes.
 
 The run is a list of stages; each takes the state left by the one before (model folder, tokenizer) and
-adds a row to the closing table. Fine-tuning and alignment are further stages in the same list."""
+adds a row to the closing table. Fine-tuning and alignment are further stages in the same list. What each
+finished stage left is recorded in <out>/quickstart.json, so running the quickstart again skips the stages
+whose output is complete, resumes a stage that was stopped from its checkpoint, and redoes the rest; --fresh
+starts over."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -13,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import kernels
+from lmforge.checkpoint.atomic import write_text_atomic
+from lmforge.checkpoint.run import checkpoints
 from lmforge.data.demo import write_corpus
 from lmforge.recipes.common import ModelSpec, answer_accuracy
 from lmforge.recipes.pretrain import PretrainConfig, PretrainData
@@ -35,6 +41,17 @@ class State:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def _every(steps: int, times: int) -> int:
+    """An interval that puts `times` evaluations or checkpoints in `steps`, the last on the final step (which
+    fit evaluates anyway: 1000 // 3 = 333 would evaluate at step 999 and again at 1000)."""
+    return max(1, -(-steps // times))
+
+
+def _stopped(run_dir: Path) -> bool:
+    """Whether a stage's run was stopped part-way (it has checkpoints): it resumes instead of starting over."""
+    return bool(checkpoints(run_dir))
+
+
 def stage_corpus(s: State) -> str:
     files = write_corpus(s.out / "corpus", n_docs=20000)
     s.extra["corpus"] = [str(f) for f in files]
@@ -47,8 +64,8 @@ def stage_pretrain(s: State) -> str:
         model=ModelSpec(preset="tiny-llama", overrides=QUICKSTART_MODEL, device=s.device),
         data=PretrainData(sources=s.extra["corpus"], vocab_size=768, seq_len=128),
         batch_size=16, eval_batches=10,
-        train=TrainConfig(max_steps=s.steps, lr=3e-3, warmup_steps=20, eval_every=max(1, s.steps // 3),
-                          checkpoint_every=max(1, s.steps // 2)),
+        train=TrainConfig(max_steps=s.steps, lr=3e-3, warmup_steps=20, eval_every=_every(s.steps, 3),
+                          checkpoint_every=_every(s.steps, 2), resume=_stopped(s.out / "pretrain")),
     )
     result = pretrain(cfg)
     s.model_dir = Path(cfg.out_dir) / "model"
@@ -92,7 +109,7 @@ def stage_sft(s: State) -> str:
                       val=_write_jsonl(data / "sft_val.jsonl", sft_pairs(80, seed=2, split="val")), max_len=64),
         batch_size=32, eval_batches=4, eval_max_new_tokens=8,
         train=TrainConfig(max_steps=s.sft_steps, lr=1e-3, warmup_steps=10, weight_decay=0.0,
-                          eval_every=max(1, s.sft_steps // 2)),
+                          eval_every=_every(s.sft_steps, 2), resume=_stopped(s.out / "sft")),
     )
     r = sft(cfg).last_eval
     s.model_dir = Path(cfg.out_dir) / "model"
@@ -115,7 +132,7 @@ def stage_align(s: State) -> str:
                             max_len=64),
         method="dpo", beta=0.5, batch_size=16, eval_batches=5,
         train=TrainConfig(max_steps=s.align_steps, lr=2e-5, warmup_steps=5, weight_decay=0.0,
-                          eval_every=max(1, s.align_steps // 2)),
+                          eval_every=_every(s.align_steps, 2), resume=_stopped(s.out / "align")),
     )
     r = align(cfg).last_eval
     s.model_dir = Path(cfg.out_dir) / "model"
@@ -132,12 +149,12 @@ def stage_chat(s: State) -> str:
     from lmforge.generate import generate
 
     model, tok = load(s.model_dir, device=s.device)
-    print("\nchat with the aligned model:")
+    print("\ntwo questions to the aligned model, each a new one-turn chat:")
     for q in ("帮我计算12+7的结果", "What is 15-9?"):
         ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
         reply = tok.decode(generate(model, [ids], max_new_tokens=12, tokenizer=tok)[0], skip_special_tokens=True)
         print(f"  user: {q}\n  assistant: {reply}")
-    return "2 chat turns"
+    return "2 one-turn chats"
 
 
 STAGES: list[tuple[str, Callable[[State], str]]] = [
@@ -150,20 +167,53 @@ STAGES: list[tuple[str, Callable[[State], str]]] = [
 ]
 
 
+OUTPUTS = ("corpus", "tasks", "pretrain", "sft", "align", "quickstart.json")  # what --fresh removes
+
+
+def _complete(rec: dict[str, Any]) -> bool:
+    """Whether what a recorded stage left is still there: its files, and its model folder."""
+    model = rec.get("model_dir")
+    return (all(Path(f).is_file() for f in rec.get("extra", {}).get("corpus", []))
+            and (model is None or (Path(model) / "config.json").is_file()))
+
+
 def run(out: str | Path = "runs/quickstart", steps: int = State.steps, device: str = "auto",
-        sft_steps: int = State.sft_steps, align_steps: int = State.align_steps) -> State:
-    """Runs every stage in order and prints what each achieved."""
+        sft_steps: int = State.sft_steps, align_steps: int = State.align_steps, fresh: bool = False) -> State:
+    """Runs every stage in order and prints what each achieved. Stages a run before finished (recorded in
+    <out>/quickstart.json, with the same step counts, and their output still complete) are skipped; `fresh`
+    removes what earlier runs left and starts over."""
     for name, n in (("steps", steps), ("sft-steps", sft_steps), ("align-steps", align_steps)):
         if n < 1:  # checked before any stage runs, not minutes later when its stage starts
             raise ValueError(f"quickstart --{name} must be >= 1, got {n}")
     s = State(Path(out), device, steps, sft_steps, align_steps)
+    record = s.out / "quickstart.json"
+    if fresh:
+        for name in OUTPUTS:
+            path = s.out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     s.out.mkdir(parents=True, exist_ok=True)
+    runs = {"steps": steps, "sft_steps": sft_steps, "align_steps": align_steps}
+    done = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+    if done.get("steps") != runs:  # another size: nothing recorded counts
+        done = {"steps": runs, "stages": {}}
     if s.device != "cuda":
         kernels.prebuild(wait=False)  # first run: the CPU kernels compile while the corpus and tokenizer are made
+    redo = False
     for name, stage in STAGES:
+        rec = done["stages"].get(name)
+        if rec is not None and not redo and _complete(rec):
+            s.model_dir = Path(rec["model_dir"]) if rec["model_dir"] else s.model_dir
+            s.extra.update(rec["extra"])
+            print(f"\n== {name} == done by an earlier run (--fresh redoes it): {rec['what']}")
+            s.rows.append((name, rec["what"] + " (earlier run)", rec["seconds"]))
+            continue
+        redo = True  # every later stage builds on this one
         print(f"\n== {name} ==")
         t = time.perf_counter()
         s.rows.append((name, stage(s), time.perf_counter() - t))
+        done["stages"][name] = {"what": s.rows[-1][1], "seconds": s.rows[-1][2], "extra": s.extra,
+                                "model_dir": str(s.model_dir) if s.model_dir else None}
+        write_text_atomic(record, json.dumps(done, indent=1, ensure_ascii=False) + "\n")
     print("\n== quickstart summary ==")
     width = max(len(r[0]) for r in s.rows)
     for name, what, seconds in s.rows:

@@ -2,6 +2,7 @@
 next, and the last model folder loads and generates, also after the suggested conversion to GGUF."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -42,6 +43,21 @@ def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path, capsy
     from_gguf, tok2 = load(out / "model.gguf")
     prompt = tok.encode("13+6=")
     assert generate(from_gguf, [prompt], 6, tokenizer=tok2) == generate(model, [prompt], 6, tokenizer=tok)
+
+    # run again: every stage is done and skipped; with a stage's output gone, it and the later ones are redone
+    args = ["quickstart", "--out", str(out), "--steps", "30", "--sft-steps", "8", "--align-steps", "4", "--device", "cpu"]
+    capsys.readouterr()
+    cli(args)
+    again = capsys.readouterr().out
+    assert again.count("done by an earlier run") == 6 and "(earlier run)" in again.split("summary")[1]
+    shutil.rmtree(out / "sft" / "model")
+    cli(args)
+    again = capsys.readouterr().out
+    skipped = [line.split(" ==")[0].removeprefix("== ") for line in again.splitlines() if "done by an earlier" in line]
+    assert skipped == ["corpus", "tokenizer + pretrain", "samples"]
+    assert (out / "sft" / "model" / "config.json").is_file() and "== align (DPO) ==" in again
+    cli([*args, "--fresh"])  # starts over: nothing skipped
+    assert "done by an earlier run" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("option", ["--steps", "--sft-steps", "--align-steps"])
