@@ -286,3 +286,44 @@ def test_pretrain_under_torchrun_matches_one_process(tmp_path, strategy):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "written by 2 process(es), this run has 1" in proc.stdout
     assert [p.name for p in checkpoints(tmp_path / "two")] == ["step-4", "step-6"]
+
+
+def _stopped_job(rank: int, tmp: Path) -> None:
+    """SIGTERM to rank 1 alone during step 2: both processes stop after it, at the same step, with one
+    checkpoint; the two resume to the end."""
+    import signal
+
+    from lmforge.train.loop import Stopped
+
+    dist = init_distributed("ddp", timeout_s=120, device="cpu")
+    real, sent = global_batch, []
+
+    def signalled(step: int):  # (called once per micro-batch: the signal goes once)
+        if step == 1 and rank == 1 and not sent:
+            sent.append(os.kill(os.getpid(), signal.SIGTERM))
+        return real(step)
+
+    globals()["global_batch"] = signalled
+    try:
+        train(tmp / "stopped", dist, STEPS)
+        stopped_at = None
+    except Stopped as e:
+        stopped_at = (e.step, e.signal_name)
+    written = [p.name for p in checkpoints(tmp / "stopped")]
+    globals()["global_batch"] = real
+    losses, weights = train(tmp / "stopped", dist, STEPS, resume=True)
+    if rank == 0:
+        torch.save({"stopped_at": stopped_at, "written": written, "losses": losses, "weights": weights},
+                   tmp / "stopped.pt")
+    else:
+        torch.save({"stopped_at": stopped_at}, tmp / "stopped-1.pt")
+
+
+def test_a_sigterm_to_one_process_stops_both_at_one_step_and_they_resume_to_one_processs_weights(tmp_path, single):
+    (losses, weights), _ = single
+    spawn(_stopped_job, 2, tmp_path)
+    out, other = torch.load(tmp_path / "stopped.pt", weights_only=True), torch.load(tmp_path / "stopped-1.pt")
+    assert out["stopped_at"] == (2, "a signal to another process") and other["stopped_at"] == (2, "SIGTERM")
+    assert out["written"] == ["step-2"]  # the stop's checkpoint, one for both processes
+    torch.testing.assert_close(out["losses"], losses[2:], atol=1e-5, rtol=0)
+    assert_weights_close(out["weights"], weights)
