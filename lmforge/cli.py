@@ -123,6 +123,23 @@ def _parser() -> ArgumentParser:
     pl.add_argument("run_dir", help="a run folder with metrics.jsonl")
     pl.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss.png)")
     sub.add_subcommand("plot", pl, help="plot loss curves")
+
+    sv = ArgumentParser(description="Serve a model over OpenAI's HTTP API (chat completions, completions, models; "
+                                    "streamed or not) with continuous batching, and a chat page at /. Needs the "
+                                    "serve extra: pip install 'lmforge[serve]'.")
+    _model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    sv.add_argument("--port", type=int, default=8000, help="TCP port")
+    sv.add_argument("--api-key", default=None,
+                    help="require 'Authorization: Bearer KEY' on every route but / and /health "
+                         "(default: the LMFORGE_API_KEY environment variable; unset: no key)")
+    sv.add_argument("--model-name", default=None, help="the model id clients name (default: the file or folder name)")
+    sv.add_argument("--max-concurrency", type=int, default=8, help="requests decoded together (KV-cache rows)")
+    sv.add_argument("--max-waiting", type=int, default=64, help="requests queued for a free slot before 429")
+    sv.add_argument("--context", type=int, default=2048, help="tokens per request, prompt and reply (cache length)")
+    sv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                    help="on SIGTERM, seconds in-flight requests may take to finish")
+    sub.add_subcommand("serve", sv, help="serve a model over an OpenAI-compatible HTTP API, with a chat page")
     return root
 
 
@@ -239,9 +256,25 @@ def _plot(a: Any) -> None:
     print(f"wrote {plot(a.run_dir, a.out)}")
 
 
+def _serve(a: Any) -> None:
+    """The HTTP API and chat page, until SIGTERM or Ctrl-C."""
+    try:
+        from lmforge.serve.app import serve
+    except ImportError as e:
+        raise ValueError(f"serve needs the serve extra ({e.name} is missing): pip install 'lmforge[serve]'") from None
+    for name in ("port", "max_concurrency", "context"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.max_waiting < 0:
+        raise ValueError(f"--max-waiting must be >= 0, got {a.max_waiting}")
+    serve(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name, slots=a.max_concurrency,
+          context=a.context, max_waiting=a.max_waiting, device=a.device, dtype=a.dtype,
+          shutdown_timeout=a.shutdown_timeout)
+
+
 COMMANDS: dict[str, Callable[[Any], None]] = {  # the commands that are not recipes (see `_recipes`)
     "quickstart": _quickstart, "tokenizer": _tokenizer, "prepare": _prepare, "convert": _convert,
-    "generate": _generate, "chat": _chat, "eval": _eval, "plot": _plot,
+    "generate": _generate, "chat": _chat, "eval": _eval, "plot": _plot, "serve": _serve,
 }
 
 

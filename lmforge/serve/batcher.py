@@ -110,7 +110,7 @@ class Stats:
 
 class Batcher:
     """Runs `model` over up to `slots` requests at once. `context`: cache slots per request (prompt + output);
-    `max_waiting`: requests queued for a free slot before `submit` refuses (QueueFull)."""
+    `max_waiting`: requests that may wait for a slot beyond the free ones before `submit` refuses (QueueFull)."""
 
     def __init__(self, model: Transformer, tokenizer: Any, slots: int = 8, context: int | None = None,
                  max_waiting: int = 64) -> None:
@@ -144,17 +144,23 @@ class Batcher:
             self._thread.join(timeout)
 
     def submit(self, request: Request) -> None:
-        if len(request.prompt) == 0:
-            raise ValueError("the prompt needs at least one token")
-        if len(request.prompt) >= self.context:
-            raise ValueError(f"the prompt has {len(request.prompt)} tokens but the context is {self.context} "
-                             "tokens (prompt and reply together)")
+        self.submit_all([request])
+
+    def submit_all(self, requests: Sequence[Request]) -> None:
+        """Queues every request, or none (QueueFull when they do not all fit the waiting line)."""
+        for r in requests:
+            if len(r.prompt) == 0:
+                raise ValueError("the prompt needs at least one token")
+            if len(r.prompt) >= self.context:
+                raise ValueError(f"the prompt has {len(r.prompt)} tokens but the context is {self.context} "
+                                 "tokens (prompt and reply together)")
         with self._wake:
             if self._stopping:
                 raise Stopped("the server is shutting down")
-            if len(self.waiting) >= self.max_waiting:
-                raise QueueFull(f"all {self.slots} slots are busy and {len(self.waiting)} requests wait")
-            self.waiting.append(request)
+            free = self.slots - self.busy  # requests the loop takes at its next turn
+            if len(self.waiting) + len(requests) > self.max_waiting + free:
+                raise QueueFull(f"{self.busy} of {self.slots} slots are busy and {len(self.waiting)} requests wait")
+            self.waiting.extend(requests)
             self._wake.notify()
 
     def cancel(self, request: Request) -> None:
