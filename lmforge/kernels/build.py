@@ -8,6 +8,7 @@ use before it swaps modules, and `prebuild` compiles several kernels at once."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -22,6 +23,16 @@ _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 # ATen's Vectorized<float> as 8-wide AVX2 (the code any AVX2 or AVX-512 CPU runs)
 _VEC_AVX2 = ("-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2")
 _EXTRA_CFLAGS = {"fused": _VEC_AVX2, "blas_mm": _VEC_AVX2}
+
+
+def _not_cuda_home_notice(record: logging.LogRecord) -> bool:
+    """Drops torch's 'No CUDA runtime is found, using CUDA_HOME=...' (a CUDA build of torch on a machine
+    without a GPU says it when torch.utils.cpp_extension is imported): these builds are CPU-only."""
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+# before anything imports torch.utils.cpp_extension, which logs it at import; only that one message is dropped
+logging.getLogger("torch.utils.cpp_extension").addFilter(_not_cuda_home_notice)
 
 _loaded: dict[str, bool] = {}  # kernel -> whether it loaded into this process (tried once per process)
 _building: dict[str, subprocess.Popen] = {}  # kernel -> the process compiling it (prebuild)
