@@ -60,13 +60,19 @@ def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20) -> float:
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights read per decoded token: every parameter once, except the embedding table (one row)
-    unless it is tied to the LM head (then read in full there)."""
+    unless it is tied to the LM head (then read in full there); a quantized layer's packed weights and scales."""
+    from lmforge.quantize import Int4Linear, Int8Linear
+
     seen, total = set(), 0
+    head = getattr(model.lm_head, "weight", None)
     for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen or name == "tok_emb.weight" and p is not model.lm_head.weight:
+        if id(p) in seen or name == "tok_emb.weight" and p is not head:
             continue
         seen.add(id(p))
         total += p.numel() * p.element_size()
+    for m in model.modules():
+        if isinstance(m, (Int8Linear, Int4Linear)):
+            total += sum(b.numel() * b.element_size() for b in m.buffers())
     return total
 
 
@@ -79,7 +85,7 @@ def timed(fn, device: torch.device) -> tuple[float, list[int]]:
 
 
 def bench(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: int, new: int, rounds: int,
-          compile: bool, hf_gguf: bool) -> dict:
+          compile: bool, hf_gguf: bool, quantize: str | None = None) -> dict:
     import transformers as tf
 
     model, tok = lmforge.load(path, device=device, dtype=dtype)
@@ -90,6 +96,10 @@ def bench(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: int,
         folder = lmforge.save(model, tok, Path(tempfile.mkdtemp()) / "smollm2")
         ref = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     ref = ref.to(device).eval()
+    if quantize:  # lmforge's weights int8 / int4 (the reference keeps the float ones)
+        from lmforge.quantize import quantize as quantize_model
+
+        quantize_model(model, quantize)
     x = torch.tensor([ids], device=device)
 
     def ours(n: int = new) -> list[int]:
@@ -129,6 +139,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (default on CUDA)")
     ap.add_argument("--hf-gguf", action="store_true", help="transformers loads the GGUF itself")
     ap.add_argument("--gguf", default=None, help=f"path to {GGUF}")
+    ap.add_argument("--quantize", action="append", choices=["int8", "int4"],
+                    help="also lmforge with int8 / int4 weights (repeatable; rows 'fp32+int8' ...)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -143,13 +155,15 @@ def main() -> None:
           f"device {device} ({torch.get_num_threads()} threads), copy bandwidth {bw / 1e9:.1f} GB/s, "
           f"prompt {args.prompt_tokens}, new tokens {args.new_tokens}, {args.rounds} alternating rounds, "
           f"compile={compile}")
-    print(f"{'dtype':6} {'lmforge tok/s':>14} {'transformers':>13} {'ratio':>6} {'weights MB':>11} "
+    print(f"{'dtype':10} {'lmforge tok/s':>14} {'transformers':>13} {'ratio':>6} {'weights MB':>11} "
           f"{'limit tok/s':>12} {'lmforge %':>10} {'hf %':>6} {'same tokens':>12}")
-    for name in dtypes:
+    runs = [(name, None) for name in dtypes] + [(name, q) for q in args.quantize or () for name in dtypes]
+    for name, q in runs:
         r = bench(path, device, resolve_dtype(name), args.prompt_tokens, args.new_tokens, args.rounds, compile,
-                  args.hf_gguf)
+                  args.hf_gguf, q)
+        name = f"{name}+{q}" if q else name
         limit = bw / r["bytes"]
-        print(f"{name:6} {r['ours']:14.1f} {r['theirs']:13.1f} {r['ours'] / r['theirs']:5.2f}x "
+        print(f"{name:10} {r['ours']:14.1f} {r['theirs']:13.1f} {r['ours'] / r['theirs']:5.2f}x "
               f"{r['bytes'] / 1e6:11.1f} {limit:12.1f} {100 * r['ours'] / limit:9.0f}% "
               f"{100 * r['theirs'] / limit:5.0f}% {r['same']:>5}/{args.new_tokens}")
 

@@ -147,6 +147,8 @@ def _model_args(p: ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder, lmforge run output, or .gguf file")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="run with int8 (per row) or int4 (groups of 32) weights (lmforge.quantize)")
 
 
 def _sampling_args(p: ArgumentParser) -> None:
@@ -171,6 +173,10 @@ def _load(a: Any):
     model, tokenizer = load(a.model, device=a.device, dtype=a.dtype)
     if tokenizer is None:
         raise ValueError(f"{a.model}: no tokenizer.json — generation needs the model's tokenizer")
+    if a.get("quantize"):
+        from lmforge.quantize import quantize
+
+        quantize(model, a.quantize)
     return model, tokenizer
 
 

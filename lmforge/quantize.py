@@ -1,0 +1,124 @@
+"""Weight-only quantization by module swap, as `lora` and `kernels` swap theirs: `quantize(model, "int8")`
+replaces every `nn.Linear` by an `Int8Linear` (one int8 per weight, one scale per output row), and
+`quantize(model, "int4", group_size=32)` by an `Int4Linear` (4 bits per weight, a scale and a minimum per
+group of `group_size` inputs, as GGUF's Q4_1). Activations stay in the model's dtype; the products are
+torch's own CPU kernels for these layouts (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, what
+gpt-fast uses), which read the packed weights and dequantize in registers. Elsewhere the weight is
+dequantized for the product (correct, not fast).
+
+The model's embeddings and norms stay as they are; a tied LM head gets its own quantized copy of the
+embedding (the embedding lookup keeps the float table)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCHEMES = ("int8", "int4")
+INT4_GROUPS = (32, 64, 128, 256)
+_INNER_K_TILES = 2  # torch's int4 CPU packing parameter (any of 2, 4, 8; the CPU kernel ignores it)
+
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale)ᵀ + b with q int8 (out, in) and one scale per output row (symmetric: q in
+    [-127, 127], scale = max |w| / 127)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        w = weight.detach().float()
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (out,)
+        self.register_buffer("q", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))  # (out, in)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight these int8 values stand for, fp32 (out, in)."""
+        return self.q.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale.to(x.dtype))
+            y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output row"
+
+
+class Int4Linear(nn.Module):
+    """y = x @ w'ᵀ + b with w' = q * scale + minimum for each group of `group_size` inputs of a row, q in
+    [0, 15] (GGUF's Q4_1 layout; Q4_0's symmetric blocks are the case minimum = -8 * scale). Held in torch's
+    packed CPU layout, with its (scale, zero) pairs: zero = minimum + 8 * scale."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None,
+                 group_size: int) -> None:
+        super().__init__()
+        out, k = q.shape
+        self.in_features, self.out_features, self.group_size = k, out, group_size
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            q.to(torch.int32).contiguous(), _INNER_K_TILES))  # (out, in / 2) uint8
+        scale, minimum = scale.float(), minimum.float()  # (out, in / group_size) each
+        zero = minimum + 8 * scale
+        self.register_buffer("scales_and_zeros", torch.stack((scale.T, zero.T), dim=-1).contiguous())  # (G, out, 2)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> Int4Linear:
+        """Quantizes `weight` (out, in): each group's minimum and (max - min) / 15 as its scale (Q4_1)."""
+        w = weight.detach().float()
+        groups = w.view(w.shape[0], -1, group_size)  # (out, G, group_size)
+        lo, hi = groups.amin(-1), groups.amax(-1)  # (out, G)
+        scale = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny)
+        q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).view_as(w)
+        return cls(q, scale, lo, bias, group_size)
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight these 4-bit values stand for, fp32 (out, in): the product with the identity."""
+        eye = torch.eye(self.in_features, dtype=torch.float32)
+        return self._mm(eye).T.contiguous()  # (out, in)
+
+    def _mm(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group_size,
+                                                          self.scales_and_zeros.to(x2d.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise RuntimeError("int4 weights run on CPU in this version (torch's packed CPU layout); use int8 on "
+                               f"{x.device.type}")
+        y = self._mm(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)  # (..., out)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 in groups of "
+                f"{self.group_size}")
+
+
+def quantize(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
+    """Replaces every `nn.Linear` of `model` (in place; returned) by its int8 or int4 form, frozen. Refuses, by
+    name, a scheme it does not know, a group size int4 does not take, and a layer whose inputs do not split
+    into whole groups, before it changes anything."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize: unknown scheme {scheme!r}; use one of {', '.join(SCHEMES)}")
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, nn.Linear)]
+    if scheme == "int4":
+        if group_size not in INT4_GROUPS:
+            raise ValueError(f"quantize: int4 group_size must be one of {INT4_GROUPS}, got {group_size}")
+        for *_, child in targets:
+            if child.in_features % group_size:
+                raise ValueError(f"quantize: {_name(model, child)} has {child.in_features} inputs, not a "
+                                 f"multiple of group_size {group_size}")
+    for parent, name, child in targets:
+        new = (Int8Linear(child.weight, child.bias) if scheme == "int8" else
+               Int4Linear.from_float(child.weight, child.bias, group_size))
+        setattr(parent, name, new.to(child.weight.device))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _name(model: nn.Module, module: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is module), type(module).__name__)

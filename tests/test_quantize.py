@@ -1,0 +1,76 @@
+"""Weight-only int8 / int4 by module swap: each module equals the product with the weight it stands for (a
+tight bound), the quantization error is what the format allows, bad settings are named, and SmolLM2 keeps
+its answers."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.quantize import Int4Linear, Int8Linear, quantize
+from tests.fixtures.smollm2 import SMOLLM2, needs_smollm2
+from tests.fixtures.tiny import make_tiny
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scheme, group", [("int8", 0), ("int4", 32), ("int4", 64)])
+def test_each_module_is_the_product_with_its_dequantized_weight(scheme, group, dtype):
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 96)
+    q = Int8Linear(lin.weight, lin.bias) if scheme == "int8" else Int4Linear.from_float(lin.weight, lin.bias, group)
+    w = q.dequantized()
+    # the format's own error: half a step of the row's (int8) or the group's (int4) grid
+    step = (lin.weight.abs().amax(1, keepdim=True) / 127 if scheme == "int8" else
+            (lambda g: (g.amax(-1, keepdim=True) - g.amin(-1, keepdim=True)) / 15)(lin.weight.detach().view(96, -1, group))
+            .expand(-1, -1, group).reshape(96, 128))
+    assert ((w - lin.weight).abs() <= step / 2 + 1e-6).all()
+    x = torch.randn(2, 7, 128).to(dtype)
+    y = q(x)
+    exact = F.linear(x.double(), w.double(), lin.bias.double())
+    assert y.dtype == dtype and y.shape == (2, 7, 96)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the activations and the output are rounded
+    torch.testing.assert_close(y.double(), exact, atol=tol * exact.abs().max().item(), rtol=0)
+
+
+def test_quantize_swaps_every_linear_and_refuses_what_it_cannot_do():
+    model = make_tiny(128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
+    x = torch.randint(0, 128, (1, 9))
+    with torch.no_grad():
+        want = model(x)
+    with pytest.raises(ValueError, match="unknown scheme 'int3'"):
+        quantize(model, "int3")
+    with pytest.raises(ValueError, match=r"group_size must be one of \(32, 64, 128, 256\), got 48"):
+        quantize(model, "int4", group_size=48)
+    with pytest.raises(ValueError, match="layers.0.mlp.down has 96 inputs, not a multiple of group_size 64"):
+        quantize(model, "int4", group_size=64)
+    assert not any(isinstance(m, Int4Linear) for m in model.modules())  # refused before changing anything
+    quantize(model, "int8")
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        got = model(x)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.8
+    torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0)
+
+
+@pytest.mark.slow  # two SmolLM2 loads and torch's int8/int4 CPU kernels: ~1 min on 2 cores
+@needs_smollm2
+def test_smollm2_quantized_keeps_its_answers():
+    import lmforge
+    from lmforge.generate import generate
+
+    model, tok = lmforge.load(SMOLLM2)
+    text = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. Paris is the capital of France, "
+                                    "and Berlin is the capital of Germany.")])
+    with torch.no_grad():
+        want = model(text).argmax(-1)
+    quantize(model, "int8")
+    with torch.no_grad():
+        assert (model(text).argmax(-1) == want).float().mean() >= 0.9  # top-1 agreement with the float model
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True)
+    assert "Paris" in tok.decode(generate(model, [ids], 8, tokenizer=tok)[0])
+    model4, _ = lmforge.load(SMOLLM2)
+    quantize(model4, "int4", group_size=32)
+    with torch.no_grad():
+        assert (model4(text).argmax(-1) == want).float().mean() >= 0.7
