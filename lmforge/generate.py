@@ -128,7 +128,7 @@ _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
 
 def _compiled_step(device: torch.device) -> Callable[..., torch.Tensor]:
     """decode_one_token under torch.compile, once per device type: CUDA graphs on CUDA; on CPU a C++ wrapper
-    around the kernels (a step is ~200 small kernels: Python calling each one costs ~10% of decode time)."""
+    around the kernels (a step is ~200 small kernels, and Python calling each one is a visible share of a step)."""
     if device.type not in _COMPILED:
         if device.type == "cuda":
             _COMPILED[device.type] = torch.compile(decode_one_token, mode="reduce-overhead")
@@ -165,7 +165,7 @@ def make_step(model: Transformer, compile: bool, key_valid: torch.Tensor, offset
 def _known_shapes() -> Any:
     """Context for the compiled step's calls after the first of a generate() call: the same graph runs (same
     batch, cache, dtypes; only values change), so dynamo skips re-checking its ~300 tensor guards (parameters,
-    caches): 1.2 -> 0.3 ms a token on a 2-core CPU, next to a 26 ms step. The first call of each generate()
+    caches) on every token (figures: README, benchmarks/decode.py). The first call of each generate()
     checks them all (and compiles anew when shapes changed). The stance is process-wide, like the model's KV
     cache: one generate() at a time per process."""
     try:
