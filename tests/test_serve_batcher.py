@@ -92,8 +92,8 @@ class Collect:
 
 def _submit(batcher: Batcher, prompt, **options) -> Collect:
     out = Collect()
-    logprobs = options.pop("logprobs", None)
-    out.request = Request(prompt, GenerationConfig(**options), out, logprobs=logprobs)
+    logprobs, ignore_eos = options.pop("logprobs", None), options.pop("ignore_eos", False)
+    out.request = Request(prompt, GenerationConfig(**options), out, logprobs=logprobs, ignore_eos=ignore_eos)
     batcher.submit(out.request)
     return out
 
@@ -175,3 +175,30 @@ def test_prompts_that_do_not_fit_are_refused_by_length(tiny, batcher):
         batcher.submit(Request([1] * 70, GenerationConfig(), Collect()))
     out = _submit(batcher, [1] * 60, max_new_tokens=50)  # only 4 more fit
     assert out.done.wait(60) and out.reason in ("length", "stop") and len(out.tokens) <= 4
+
+
+class EosAt:
+    """`tokenizer` with another eos id."""
+
+    def __init__(self, tokenizer, eos_id: int) -> None:
+        self.tokenizer, self.eos_id = tokenizer, eos_id
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_ignore_eos_goes_on_to_max_tokens(tiny):
+    model, tok = tiny
+    p = tok.encode("The cat")
+    free = generate(model, p, 12, tokenizer=tok)[0]
+    eos = EosAt(tok, free[5])
+    batcher = Batcher(model, eos, slots=2, context=64)
+    batcher.start()
+    try:
+        stopped, full = (_submit(batcher, p, max_new_tokens=12, ignore_eos=i == 1) for i in range(2))
+        assert stopped.done.wait(60) and full.done.wait(60)
+    finally:
+        batcher.stop()
+        model.clear_cache()
+    assert (stopped.tokens, stopped.reason) == (free[: free.index(free[5])], "stop")
+    assert (full.tokens, full.reason) == (free, "length")

@@ -99,6 +99,7 @@ class _Sampling(_Body):
     top_k: int | None = Field(None, ge=1)  # beyond OpenAI's fields, as vLLM and llama.cpp take them
     min_p: float | None = Field(None, ge=0, le=1)
     repetition_penalty: float = Field(1.0, gt=0)
+    ignore_eos: bool = False  # as vLLM's: replies of exactly max_tokens (benchmarks)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     seed: int | None = None
@@ -192,7 +193,7 @@ class Generations:
     queue as (choice index, Event), handed over from the batcher's thread."""
 
     def __init__(self, state: ServerState, prompts: Sequence[list[int]], n: int, config: GenerationConfig,
-                 logprobs: int | None) -> None:
+                 logprobs: int | None, ignore_eos: bool = False) -> None:
         self.state, self.started = state, time.perf_counter()
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
@@ -202,7 +203,8 @@ class Generations:
             seed = config.seed
             # n seeded choices differ from each other: choice j samples with seed + j
             cfg = config if seed is None or n == 1 else dataclasses.replace(config, seed=seed + c.index % n)
-            self.jobs.append(Job(prompts[c.index // n], cfg, self._emitter(loop, c.index), logprobs=logprobs))
+            self.jobs.append(Job(prompts[c.index // n], cfg, self._emitter(loop, c.index), logprobs=logprobs,
+                                 ignore_eos=ignore_eos))
         self.prompt_tokens = sum(len(p) for p in prompts)
 
     def _emitter(self, loop: asyncio.AbstractEventLoop, index: int):
@@ -438,7 +440,7 @@ def _generations(state: ServerState, prompts: list[list[int]], body: _Sampling, 
     config = GenerationConfig(max_new_tokens=max_tokens or context, temperature=body.temperature,
                               top_k=body.top_k, top_p=None if body.top_p >= 1 else body.top_p, min_p=body.min_p,
                               repetition_penalty=body.repetition_penalty, seed=body.seed, stop_strings=stops)
-    gen = Generations(state, prompts, body.n, config, logprobs)
+    gen = Generations(state, prompts, body.n, config, logprobs, body.ignore_eos)
     gen.submit()
     return gen
 

@@ -79,6 +79,7 @@ class Request:
     config: GenerationConfig
     emit: Callable[[Event], None]
     logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the top k
+    ignore_eos: bool = False  # go on past the tokenizer's eos (fixed-length replies for benchmarks)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -228,7 +229,7 @@ class Batcher:
             seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=device)
             seen[0, torch.tensor(list(request.prompt), device=device)] = True
         slot = _Slot(request, Row(decoder=TextStream(self.tokenizer)), min(cfg.max_new_tokens, self.context - P),
-                     stop_ids(self.tokenizer, cfg.stop_ids), generator, seen, pos=P)
+                     stop_ids(None if request.ignore_eos else self.tokenizer, cfg.stop_ids), generator, seen, pos=P)
         self.active[b] = slot
         self.stats.prompt_tokens += P
         if slot.n_new <= 0:
