@@ -1,10 +1,11 @@
 """Weight-only quantization by module swap, as `lora` and `kernels` swap theirs: `quantize(model, "int8")`
 replaces every `nn.Linear` by an `Int8Linear` (one int8 per weight, one scale per output row), and
 `quantize(model, "int4", group_size=32)` by an `Int4Linear` (4 bits per weight, a scale and a minimum per
-group of `group_size` inputs, as GGUF's Q4_1). Activations stay in the model's dtype; the products are
-torch's own CPU kernels for these layouts (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, what
-gpt-fast uses), which read the packed weights and dequantize in registers. Elsewhere the weight is
-dequantized for the product (correct, not fast).
+group of `group_size` inputs, as GGUF's Q4_1). Activations stay in the model's dtype. On CPU, one to eight
+rows of int8 (decoding) go through lmforge's own kernel (`kernels/int8_gemv.cpp`, loaded by `quantize`);
+other products through torch's CPU kernels for these layouts (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`, what gpt-fast uses). Elsewhere the weight is dequantized for the product
+(correct, not fast).
 
 The model's embeddings and norms stay as they are; a tied LM head gets its own quantized copy of the
 embedding (the embedding lookup keeps the float table)."""
@@ -15,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.kernels import build
+
 SCHEMES = ("int8", "int4")
 INT4_GROUPS = (32, 64, 128, 256)
 _INNER_K_TILES = 2  # torch's int4 CPU packing parameter (any of 2, 4, 8; the CPU kernel ignores it)
@@ -22,7 +25,9 @@ _INNER_K_TILES = 2  # torch's int4 CPU packing parameter (any of 2, 4, 8; the CP
 
 class Int8Linear(nn.Module):
     """y = x @ (q * scale)ᵀ + b with q int8 (out, in) and one scale per output row (symmetric: q in
-    [-127, 127], scale = max |w| / 127)."""
+    [-127, 127], scale = max |w| / 127). `kernel`: lmforge::int8_gemv is loaded (set by `quantize`)."""
+
+    kernel = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -39,7 +44,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale.to(x.dtype))
+            rows = x.numel() // max(x.shape[-1], 1)
+            if self.kernel and 0 < rows <= 8:  # decoding: lmforge's kernel streams the int8 rows once
+                y = torch.ops.lmforge.int8_gemv(self.q, self.scale[:, None], x.reshape(rows, -1))  # (rows, out)
+            else:
+                y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale.to(x.dtype))
             y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -111,9 +120,12 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
             if child.in_features % group_size:
                 raise ValueError(f"quantize: {_name(model, child)} has {child.in_features} inputs, not a "
                                  f"multiple of group_size {group_size}")
+    kernel = scheme == "int8" and build.kernels_allowed() and build.load("int8_gemv")
     for parent, name, child in targets:
         new = (Int8Linear(child.weight, child.bias) if scheme == "int8" else
                Int4Linear.from_float(child.weight, child.bias, group_size))
+        if kernel:
+            new.kernel = True
         setattr(parent, name, new.to(child.weight.device))
     for p in model.parameters():
         p.requires_grad_(False)

@@ -147,6 +147,8 @@ def _attention_backward_fake(grad, q, k, v, out, lse, scale):
 # each library's ops and their shape functions (for torch.compile), registered once it is loaded
 _FAKES = {
     "half_gemv": [("half_gemv", _half_gemv_fake)],
+    "int8_gemv": [("int8_gemv", lambda q, scales, x, fp32_out=False: x.new_empty(
+        (x.shape[0], q.shape[0]), dtype=torch.float32 if fp32_out else x.dtype))],
     "fused": [("silu_mul", lambda gate, up: gate.new_empty(gate.shape)),
               ("silu_mul_backward_", lambda d, grad, gate, up: None),
               ("softmax_xent_", lambda z, labels, ignore_index: z.new_empty(z.shape[:1])),

@@ -548,3 +548,54 @@ def test_prebuild_compiles_each_missing_kernel_in_its_own_process_at_once(monkey
     built["blas_mm"] = False
     cpu.prebuild(wait=False)
     assert started == ["fused"] and waited == [1, 1]  # not waited for; blas_mm not wanted on this CPU
+
+
+# ---- lmforge::int8_gemv (int8 weights with group scales, decoding) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_built():
+    if not build.load("int8_gemv"):
+        pytest.skip("the kernel could not be built here (see the warning)")
+
+
+@pytest.mark.parametrize("group", [8, 24, 32, 96])  # 96 = K: one scale per row
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_int8_gemv_is_the_product_with_the_scaled_weight(int8_built, group, m, dtype):
+    g = torch.Generator().manual_seed(group * 10 + m)
+    q = torch.randint(-127, 128, (300, 96), generator=g, dtype=torch.int8)
+    s = torch.rand(300, 96 // group, generator=g) + 0.01
+    x = torch.randn(m, 96, generator=g).to(dtype)
+    w = (q.double().view(300, -1, group) * s.double()[..., None]).view(300, 96)
+    exact = x.double() @ w.T
+    y32 = torch.ops.lmforge.int8_gemv(q, s, x, True)
+    assert y32.dtype == torch.float32 and y32.shape == (m, 300)
+    torch.testing.assert_close(y32.double(), exact, rtol=0, atol=1e-6 * exact.abs().max().item())
+    y = torch.ops.lmforge.int8_gemv(q, s, x)
+    assert y.dtype == dtype
+    ulp_close(y, exact.to(dtype))
+    assert torch.equal(y32[-1:], torch.ops.lmforge.int8_gemv(q, s, x[-1:], True))  # a row alone, the same sum
+
+
+def test_int8_gemv_refuses_what_it_does_not_compute(int8_built):
+    q, s, x = torch.zeros(4, 32, dtype=torch.int8), torch.ones(4, 1), torch.zeros(1, 32)
+    with pytest.raises(RuntimeError, match="contiguous int8"):
+        torch.ops.lmforge.int8_gemv(q.float(), s, x)
+    with pytest.raises(RuntimeError, match="multiple of 8, got 4"):
+        torch.ops.lmforge.int8_gemv(q, torch.ones(4, 8), x)
+    with pytest.raises(RuntimeError, match=r"\(M <= 8, K\)"):
+        torch.ops.lmforge.int8_gemv(q, s, torch.zeros(9, 32))
+
+
+def test_int8_linear_decodes_through_it_and_prompts_through_torchs(int8_built, monkeypatch):
+    from lmforge.quantize import quantize
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    quantize(model, "int8")
+    calls = spy(monkeypatch, "int8_gemv")
+    lin = model[0]
+    for rows in (1, 8, 9):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(lin(x), F.linear(x, lin.dequantized(), lin.bias), atol=1e-4, rtol=1e-4)
+    assert calls == ["int8_gemv", "int8_gemv"]  # 9 rows: torch's _weight_int8pack_mm
