@@ -147,8 +147,9 @@ def _model_args(p: ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="HF folder, lmforge run output, or .gguf file")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as stored)")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="run with int8 (per row) or int4 (groups of 32) weights (lmforge.quantize)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "gguf"],
+                   help="run with int8 (per row) or int4 (groups of 32) weights; gguf: a .gguf file's Q8_0 / "
+                        "Q4_0 / Q4_1 blocks as they are (lmforge.quantize)")
 
 
 def _sampling_args(p: ArgumentParser) -> None:
@@ -169,14 +170,20 @@ def _sampling(a: Any) -> dict[str, Any]:
 
 def _load(a: Any):
     from lmforge.checkpoint import load
+    from lmforge.checkpoint.native import resolve_path
 
     model, tokenizer = load(a.model, device=a.device, dtype=a.dtype)
     if tokenizer is None:
         raise ValueError(f"{a.model}: no tokenizer.json — generation needs the model's tokenizer")
     if a.get("quantize"):
-        from lmforge.quantize import quantize
+        from lmforge.quantize import load_gguf_blocks, quantize
 
-        quantize(model, a.quantize)
+        if a.quantize != "gguf":
+            quantize(model, a.quantize)
+        elif not str(a.model).lower().endswith(".gguf"):
+            raise ValueError(f"--quantize gguf keeps a .gguf file's blocks; {a.model} is not a .gguf file")
+        else:
+            load_gguf_blocks(model, resolve_path(a.model))
     return model, tokenizer
 
 

@@ -24,37 +24,46 @@ _INNER_K_TILES = 2  # torch's int4 CPU packing parameter (any of 2, 4, 8; the CP
 
 
 class Int8Linear(nn.Module):
-    """y = x @ (q * scale)ᵀ + b with q int8 (out, in) and one scale per output row (symmetric: q in
-    [-127, 127], scale = max |w| / 127). `kernel`: lmforge::int8_gemv is loaded (set by `quantize`)."""
+    """y = x @ (q * scale)ᵀ + b with q int8 (out, in) and one scale per group of G inputs of a row: scale is
+    (out, in / G); G = in (one scale per row, symmetric: scale = max |w| / 127) from `from_float`, G = 32
+    for GGUF's Q8_0 blocks. `kernel`: lmforge::int8_gemv is loaded (set by `quantize` / `load_gguf_blocks`)."""
 
     kernel = False
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
+        self.register_buffer("q", q.to(torch.int8).contiguous())  # (out, in)
+        self.register_buffer("scale", scale.float().reshape(q.shape[0], -1).contiguous())  # (out, in / G)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.out_features, self.in_features = q.shape
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (out,)
-        self.register_buffer("q", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))  # (out, in)
-        self.register_buffer("scale", scale)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.in_features, self.out_features = w.shape[1], w.shape[0]
+        return cls(torch.round(w / scale[:, None]).clamp(-127, 127), scale, bias)
 
     def dequantized(self) -> torch.Tensor:
         """The weight these int8 values stand for, fp32 (out, in)."""
-        return self.q.float() * self.scale[:, None]
+        groups = self.q.float().view(self.out_features, self.scale.shape[1], -1)  # (out, in / G, G)
+        return (groups * self.scale[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-            rows = x.numel() // max(x.shape[-1], 1)
+        rows = x.numel() // max(x.shape[-1], 1)
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and (
+                self.kernel and 0 < rows <= 8 or self.scale.shape[1] == 1):
             if self.kernel and 0 < rows <= 8:  # decoding: lmforge's kernel streams the int8 rows once
-                y = torch.ops.lmforge.int8_gemv(self.q, self.scale[:, None], x.reshape(rows, -1))  # (rows, out)
-            else:
-                y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.q, self.scale.to(x.dtype))
+                y = torch.ops.lmforge.int8_gemv(self.q, self.scale, x.reshape(rows, -1))  # (rows, out)
+            else:  # one scale per row: torch's kernel
+                y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), self.q, self.scale[:, 0].to(x.dtype))
             y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per output row"
+        group = self.in_features // self.scale.shape[1]
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8, "
+                + ("a scale per row" if self.scale.shape[1] == 1 else f"a scale per {group} inputs"))
 
 
 class Int4Linear(nn.Module):
@@ -122,7 +131,7 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
                                  f"multiple of group_size {group_size}")
     kernel = scheme == "int8" and build.kernels_allowed() and build.load("int8_gemv")
     for parent, name, child in targets:
-        new = (Int8Linear(child.weight, child.bias) if scheme == "int8" else
+        new = (Int8Linear.from_float(child.weight, child.bias) if scheme == "int8" else
                Int4Linear.from_float(child.weight, child.bias, group_size))
         if kernel:
             new.kernel = True
@@ -134,3 +143,36 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
 
 def _name(model: nn.Module, module: nn.Module) -> str:
     return next((n for n, m in model.named_modules() if m is module), type(module).__name__)
+
+
+def load_gguf_blocks(model: nn.Module, path) -> nn.Module:
+    """Replaces each linear of `model` (loaded from the GGUF file `path`) whose weight is Q8_0, Q4_0 or Q4_1
+    blocks in the file by an int8 / int4 module holding exactly those blocks' values and scales — nothing
+    dequantized and quantized again (a tied LM head gets the embedding's blocks; the embedding lookup keeps
+    its float table). Matrices of other types (K-quants, F16...) stay float. In place; returned."""
+    from lmforge.checkpoint.gguf import read_blocks
+    from lmforge.checkpoint.hf import FAMILIES, hf_names, key_template
+
+    config, blocks = read_blocks(path)
+    family = FAMILIES[config["model_type"]]
+    kernel = build.kernels_allowed() and build.load("int8_gemv")
+    for name, child in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
+        key = name + ".weight"
+        if key_template(key)[0] in family.from_hf:  # a family transform the blocks would need: stays float
+            continue
+        sources = hf_names("tok_emb.weight" if name == "lm_head" and model.config.tie_embeddings else key, family)
+        parts = [blocks.get(n) for n in sources]
+        if any(p is None for p in parts) or len({p.kind for p in parts}) != 1:
+            continue
+        q = torch.cat([p.q for p in parts])  # (out, in): a fused projection's rows, part after part
+        scale = torch.cat([p.scale for p in parts])  # (out, in / 32)
+        if parts[0].kind == "Q8_0":
+            new = Int8Linear(q, scale, child.bias)
+            new.kernel = kernel
+        else:
+            new = Int4Linear(q, scale, torch.cat([p.minimum for p in parts]), child.bias, 32)
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], new.to(child.weight.device))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

@@ -17,7 +17,7 @@ from tests.fixtures.tiny import make_tiny
 def test_each_module_is_the_product_with_its_dequantized_weight(scheme, group, dtype):
     torch.manual_seed(0)
     lin = nn.Linear(128, 96)
-    q = Int8Linear(lin.weight, lin.bias) if scheme == "int8" else Int4Linear.from_float(lin.weight, lin.bias, group)
+    q = Int8Linear.from_float(lin.weight, lin.bias) if scheme == "int8" else Int4Linear.from_float(lin.weight, lin.bias, group)
     w = q.dequantized()
     # the format's own error: half a step of the row's (int8) or the group's (int4) grid
     step = (lin.weight.abs().amax(1, keepdim=True) / 127 if scheme == "int8" else
@@ -74,3 +74,51 @@ def test_smollm2_quantized_keeps_its_answers():
     quantize(model4, "int4", group_size=32)
     with torch.no_grad():
         assert (model4(text).argmax(-1) == want).float().mean() >= 0.7
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_blocks_are_read_as_they_are(kind):
+    """Each block's values and fp16 scale (and minimum) decoded without arithmetic: recombined they are
+    exactly gguf's own dequantization."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    from gguf.quants import quantize as gguf_quantize
+
+    from lmforge.checkpoint.gguf import _blocks
+
+    kind_type = GGMLQuantizationType[kind]
+    w = np.random.default_rng(0).standard_normal((48, 96)).astype(np.float32)
+    raw = gguf_quantize(w, kind_type)
+    b = _blocks(SimpleNamespace(tensor_type=kind_type, shape=[96, 48], data=raw))
+    assert b.q.shape == (48, 96) and b.scale.shape == (48, 3)
+    assert b.q.dtype == (torch.int8 if kind == "Q8_0" else torch.uint8)
+    groups = b.q.float().view(48, 3, 32) * b.scale[..., None] + (0 if b.minimum is None else b.minimum[..., None])
+    assert np.array_equal(groups.view(48, 96).numpy(), dequantize(raw, kind_type).reshape(48, 96))
+    if kind != "Q8_0":  # and the module built from them computes with those values
+        q4 = Int4Linear(b.q, b.scale, b.minimum, None, 32)
+        torch.testing.assert_close(q4.dequantized(), groups.view(48, 96), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow  # SmolLM2 loaded, then its blocks read: ~30 s on 2 cores
+@needs_smollm2
+def test_smollm2_runs_on_its_own_q4_1_and_q8_0_blocks():
+    import lmforge
+    from lmforge.generate import generate
+    from lmforge.quantize import load_gguf_blocks
+
+    model, tok = lmforge.load(SMOLLM2)
+    text = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. Paris is the capital of France.")])
+    with torch.no_grad():
+        want = model(text)
+    load_gguf_blocks(model, SMOLLM2)
+    kinds = [type(m).__name__ for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
+    assert kinds.count("Int4Linear") == 4 * 30 and kinds.count("Int8Linear") == 1  # the layers' Q4_1; the head's Q8_0
+    with torch.no_grad():
+        got = model(text)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)  # the same values, summed in another order
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True)
+    assert "Paris" in tok.decode(generate(model, [ids], 8, tokenizer=tok)[0])

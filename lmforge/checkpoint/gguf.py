@@ -304,6 +304,71 @@ def _unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(out_features, in_features)  # (heads, pair, head_dim/2, in) -> (out, in)
 
 
+# ---- quantized blocks, kept as they are ---------------------------------------------------------------------
+
+
+@dataclass
+class Blocks:
+    """A GGUF matrix's quantized values as they are in the file, laid out (out_features, in_features) in HF's
+    row order: value = q * scale + minimum for each block of 32 inputs of a row. Q8_0: q int8 in [-128, 127],
+    no minimum (None); Q4_0: q in [0, 15], minimum = -8 * scale; Q4_1: q in [0, 15], its own minimum."""
+
+    kind: str  # "Q8_0", "Q4_0" or "Q4_1"
+    q: torch.Tensor  # (out, in) int8 (Q8_0) or uint8 (Q4_*)
+    scale: torch.Tensor  # (out, in / 32) float32, the file's fp16 values
+    minimum: torch.Tensor | None  # (out, in / 32) float32, or None (Q8_0)
+
+
+_BLOCK_KINDS = {GGMLQuantizationType.Q8_0: "Q8_0", GGMLQuantizationType.Q4_0: "Q4_0",
+                GGMLQuantizationType.Q4_1: "Q4_1"}
+
+
+def read_blocks(path: str | Path) -> tuple[dict[str, Any], dict[str, Blocks]]:
+    """(config.json of the file, its Q8_0 / Q4_0 / Q4_1 matrices as `Blocks` under HF names), nothing
+    dequantized: llama's Q/K rows are put back in HF's order, block by block."""
+    path = Path(path)
+    _check_header(path)
+    try:
+        reader = _CheckedReader(path)
+        config = _hf_config(_Metadata(reader, path))
+        expected = _expected(config)
+        out = {}
+        for t in reader.tensors:
+            if t.tensor_type in _BLOCK_KINDS and len(t.shape) == 2 and t.name in expected:
+                out[expected[t.name][0]] = _blocks(t)
+    except (CheckpointError, OSError, MemoryError):
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+    if config["model_type"] == "llama":
+        for i in range(config["num_hidden_layers"]):
+            for name, heads in (("q_proj", "num_attention_heads"), ("k_proj", "num_key_value_heads")):
+                b = out.get(f"model.layers.{i}.self_attn.{name}.weight")
+                if b is not None:
+                    for part in ("q", "scale", "minimum"):
+                        if getattr(b, part) is not None:
+                            setattr(b, part, _unpermute_rope(getattr(b, part), config[heads]))
+    return config, out
+
+
+def _blocks(t: ReaderTensor) -> Blocks:
+    """The values of one Q8_0 / Q4_0 / Q4_1 tensor (GGUF rows of raw bytes), decoded without arithmetic."""
+    kind = _BLOCK_KINDS[t.tensor_type]
+    rows = int(t.shape[1])
+    size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[kind]  # bytes per block of 32: fp16 scale (+ fp16 min) + values
+    raw = np.ascontiguousarray(t.data).reshape(rows, -1, size)  # (out, in / 32, block bytes)
+    scale = torch.from_numpy(raw[..., :2].copy().view(np.float16)[..., 0].astype(np.float32))  # (out, in / 32)
+    if kind == "Q8_0":
+        q = raw[..., 2:].copy().view(np.int8)  # (out, in / 32, 32)
+        return Blocks(kind, torch.from_numpy(q.reshape(rows, -1)), scale, None)
+    start = 4 if kind == "Q4_1" else 2
+    packed = raw[..., start:start + 16]  # value j in the low nibble of byte j, value j + 16 in its high nibble
+    q = np.concatenate((packed & 0x0F, packed >> 4), axis=-1)  # (out, in / 32, 32)
+    minimum = (torch.from_numpy(raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)) if kind == "Q4_1"
+               else -8 * scale)
+    return Blocks(kind, torch.from_numpy(q.reshape(rows, -1)), scale, minimum)
+
+
 # ---- tokenizer ---------------------------------------------------------------------------------------------
 
 
