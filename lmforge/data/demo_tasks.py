@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from typing import Any
 
 from lmforge.data.demo import arithmetic, operands
@@ -51,6 +52,33 @@ def sft_pairs(n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any
         prompt, response = _phrase(a, b, op, arithmetic(a, b, op), rng.randrange(3))
         out.append({"prompt": prompt, "response": response})
     return out
+
+
+_QUESTION = re.compile(r"(\d+)\s*([+-])\s*(\d+)|has (\d+) \w+ and (gets|gives away) (\d+)")
+
+
+def result_of(prompt: str) -> int | None:
+    """The result a prompt asks for (`13+6=`, `帮我计算13+6的结果`, `Alice has 5 apples and gets 3.`), or None."""
+    m = _QUESTION.search(prompt)
+    if m is None:
+        return None
+    if m[1] is not None:
+        return arithmetic(int(m[1]), int(m[3]), m[2])
+    return arithmetic(int(m[4]), int(m[6]), "+" if m[5] == "gets" else "-")
+
+
+def check(prompt: str, reply: str, exact: bool = True) -> bool:
+    """The task's checker. exact: the reply is the answer in the prompt's phrasing (`等于19` for a Chinese
+    prompt, `19` otherwise), as fine-tuning teaches; otherwise the first number in the reply is the result (for
+    free continuations of the pretrained model)."""
+    result = result_of(prompt)
+    if result is None:
+        return False
+    if exact:
+        want = f"等于{result}" if prompt.startswith("帮我计算") else str(result)
+        return reply.strip().rstrip("。.") == want
+    number = re.search(r"\d+", reply)
+    return number is not None and int(number[0]) == result
 
 
 def wrong_answer(rng: random.Random, correct: int) -> int:

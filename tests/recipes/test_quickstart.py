@@ -20,7 +20,7 @@ def test_quickstart_runs_every_stage_and_leaves_a_loadable_model(tmp_path, capsy
     summary = text.split("== quickstart summary ==")[1]
     for stage in ("corpus", "tokenizer + pretrain", "samples", "SFT", "align (DPO)", "chat"):
         assert f"  {stage} " in summary, stage
-    assert "20,000 documents" in summary and "validation perplexity" in summary
+    assert "20,000 documents" in summary and "(held-out)" in summary
 
     # pretraining learned something in 30 steps: the loss of the last steps is well below the first
     rows = [json.loads(line) for line in open(out / "pretrain" / "metrics.jsonl", encoding="utf-8")]
@@ -65,3 +65,32 @@ def test_quickstart_refuses_a_step_count_below_one_before_any_stage(tmp_path, op
     with pytest.raises(ValueError, match=f"quickstart {option} must be >= 1, got 0"):
         cli(["quickstart", "--out", str(tmp_path / "qs"), option, "0"])
     assert not (tmp_path / "qs").exists()  # nothing started
+
+
+REDUCED = dict(steps=400, sft_steps=150, align_steps=120)  # the default run's stages, shorter
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """The corpus and one pretrained model, shared by the seeds of the fine-tuning stages."""
+    from lmforge.recipes.quickstart import State, stage_corpus, stage_pretrain
+
+    s = State(tmp_path_factory.mktemp("qs"), "cpu", **REDUCED)
+    stage_corpus(s)
+    stage_pretrain(s)
+    return s
+
+
+@pytest.mark.slow  # pretraining at a reduced size, then SFT, on-policy sampling and DPO three times: minutes on 2 cores
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_each_stage_moves_its_metric_the_right_way_on_held_out_data(pretrained, tmp_path, seed):
+    from lmforge.recipes.quickstart import State, stage_align, stage_sft
+
+    assert pretrained.extra["pretrain_ppl"] < 5  # from ~768 (the vocabulary) untrained
+    s = State(tmp_path, "cpu", **REDUCED, seed=seed, model_dir=pretrained.model_dir, extra=dict(pretrained.extra))
+    stage_sft(s)
+    assert s.extra["sft_acc"] >= 0.3  # from 0%: untuned, the model continues the chat template instead of answering
+    stage_align(s)
+    before, after = s.extra["align_pref_acc"]
+    assert after >= before + 0.05  # DPO: the model prefers the right answer over its own wrong ones more often
+    assert s.extra["align_acc"] >= s.extra["sft_acc"]  # and answers at least as well as after SFT
