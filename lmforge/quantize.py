@@ -1,11 +1,11 @@
 """Weight-only quantization by module swap, as `lora` and `kernels` swap theirs: `quantize(model, "int8")`
 replaces every `nn.Linear` by an `Int8Linear` (one int8 per weight, one scale per output row), and
 `quantize(model, "int4", group_size=32)` by an `Int4Linear` (4 bits per weight, a scale and a minimum per
-group of `group_size` inputs, as GGUF's Q4_1). Activations stay in the model's dtype. On CPU, one to eight
-rows of int8 (decoding) go through lmforge's own kernel (`kernels/int8_gemv.cpp`, loaded by `quantize`);
-other products through torch's CPU kernels for these layouts (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`, what gpt-fast uses). Elsewhere the weight is dequantized for the product
-(correct, not fast).
+group of `group_size` inputs, in GGUF's Q4_1 layout), and `load_gguf_blocks(model, path)` keeps a GGUF
+file's own Q8_0 / Q4_0 / Q4_1 blocks. Activations stay in the model's dtype. On CPU, one to eight rows
+(decoding) go through lmforge's own kernels (`kernels/int8_gemv.cpp`, `kernels/int4_gemv.cpp`, loaded by
+these functions); int8 prompts through torch's `_weight_int8pack_mm`; the rest through the weight unpacked
+for the product (correct, not fast).
 
 The model's embeddings and norms stay as they are; a tied LM head gets its own quantized copy of the
 embedding (the embedding lookup keeps the float table)."""
@@ -20,7 +20,6 @@ from lmforge.kernels import build
 
 SCHEMES = ("int8", "int4")
 INT4_GROUPS = (32, 64, 128, 256)
-_INNER_K_TILES = 2  # torch's int4 CPU packing parameter (any of 2, 4, 8; the CPU kernel ignores it)
 
 
 class Int8Linear(nn.Module):
@@ -67,51 +66,58 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """y = x @ w'ᵀ + b with w' = q * scale + minimum for each group of `group_size` inputs of a row, q in
-    [0, 15] (GGUF's Q4_1 layout; Q4_0's symmetric blocks are the case minimum = -8 * scale). Held in torch's
-    packed CPU layout, with its (scale, zero) pairs: zero = minimum + 8 * scale."""
+    """y = x @ w'ᵀ + b with w' = q * scale + minimum for each block of 32 inputs of a row, q in [0, 15]: GGUF's
+    Q4_1 (Q4_0's symmetric blocks are the case minimum = -8 * scale), held in its layout: 16 bytes a block,
+    value j in the low nibble of byte j, value j + 16 in its high nibble. One to eight rows on CPU go through
+    lmforge::int4_gemv when `kernel` (set by `quantize` / `load_gguf_blocks`); more rows, or another device,
+    through the weight unpacked for the product."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None,
-                 group_size: int) -> None:
+    kernel = False
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         out, k = q.shape
-        self.in_features, self.out_features, self.group_size = k, out, group_size
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q.to(torch.int32).contiguous(), _INNER_K_TILES))  # (out, in / 2) uint8
-        scale, minimum = scale.float(), minimum.float()  # (out, in / group_size) each
-        zero = minimum + 8 * scale
-        self.register_buffer("scales_and_zeros", torch.stack((scale.T, zero.T), dim=-1).contiguous())  # (G, out, 2)
+        if k % 32:
+            raise ValueError(f"int4 weights come in blocks of 32 inputs; this layer has {k}")
+        blocks = q.to(torch.uint8).view(out, k // 32, 32)  # (out, in / 32, 32)
+        packed = blocks[..., :16] | (blocks[..., 16:] << 4)  # (out, in / 32, 16)
+        self.register_buffer("packed", packed.reshape(out, k // 2).contiguous())  # (out, in / 2)
+        self.register_buffer("scale", scale.float().reshape(out, -1).contiguous())  # (out, in / 32)
+        self.register_buffer("minimum", minimum.float().reshape(out, -1).contiguous())  # (out, in / 32)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.in_features, self.out_features = k, out
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> Int4Linear:
-        """Quantizes `weight` (out, in): each group's minimum and (max - min) / 15 as its scale (Q4_1)."""
+        """Quantizes `weight` (out, in): each group's minimum and (max - min) / 15 as its scale (Q4_1); a group
+        of 64 or more is held as blocks of 32 that share them."""
         w = weight.detach().float()
         groups = w.view(w.shape[0], -1, group_size)  # (out, G, group_size)
         lo, hi = groups.amin(-1), groups.amax(-1)  # (out, G)
         scale = ((hi - lo) / 15).clamp(min=torch.finfo(torch.float32).tiny)
         q = torch.round((groups - lo[..., None]) / scale[..., None]).clamp(0, 15).view_as(w)
-        return cls(q, scale, lo, bias, group_size)
+        per_block = group_size // 32
+        return cls(q, scale.repeat_interleave(per_block, 1), lo.repeat_interleave(per_block, 1), bias)
 
     def dequantized(self) -> torch.Tensor:
-        """The weight these 4-bit values stand for, fp32 (out, in): the product with the identity."""
-        eye = torch.eye(self.in_features, dtype=torch.float32)
-        return self._mm(eye).T.contiguous()  # (out, in)
-
-    def _mm(self, x2d: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group_size,
-                                                          self.scales_and_zeros.to(x2d.dtype))
+        """The weight these 4-bit values stand for, fp32 (out, in)."""
+        p = self.packed.view(self.out_features, -1, 16)  # (out, in / 32, 16)
+        q = torch.cat((p & 0x0F, p >> 4), dim=-1).float()  # (out, in / 32, 32)
+        return (q * self.scale[..., None] + self.minimum[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu":
-            raise RuntimeError("int4 weights run on CPU in this version (torch's packed CPU layout); use int8 on "
-                               f"{x.device.type}")
-        y = self._mm(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], self.out_features)  # (..., out)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        rows = x.numel() // max(x.shape[-1], 1)
+        if self.kernel and 0 < rows <= 8 and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
+            y = torch.ops.lmforge.int4_gemv(self.packed, self.scale, self.minimum, x.reshape(rows, -1))  # (rows, out)
+            y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
+        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 in groups of "
-                f"{self.group_size}")
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 in blocks of 32"
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def quantize(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
@@ -129,7 +135,7 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
             if child.in_features % group_size:
                 raise ValueError(f"quantize: {_name(model, child)} has {child.in_features} inputs, not a "
                                  f"multiple of group_size {group_size}")
-    kernel = scheme == "int8" and build.kernels_allowed() and build.load("int8_gemv")
+    kernel = build.kernels_allowed() and build.load(f"{scheme}_gemv")
     for parent, name, child in targets:
         new = (Int8Linear.from_float(child.weight, child.bias) if scheme == "int8" else
                Int4Linear.from_float(child.weight, child.bias, group_size))
@@ -156,6 +162,7 @@ def load_gguf_blocks(model: nn.Module, path) -> nn.Module:
     config, blocks = read_blocks(path)
     family = FAMILIES[config["model_type"]]
     kernel = build.kernels_allowed() and build.load("int8_gemv")
+    kernel4 = build.kernels_allowed() and build.load("int4_gemv")
     for name, child in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         key = name + ".weight"
         if key_template(key)[0] in family.from_hf:  # a family transform the blocks would need: stays float
@@ -170,7 +177,8 @@ def load_gguf_blocks(model: nn.Module, path) -> nn.Module:
             new = Int8Linear(q, scale, child.bias)
             new.kernel = kernel
         else:
-            new = Int4Linear(q, scale, torch.cat([p.minimum for p in parts]), child.bias, 32)
+            new = Int4Linear(q, scale, torch.cat([p.minimum for p in parts]), child.bias)
+            new.kernel = kernel4
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         setattr(parent, name.rpartition(".")[2], new.to(child.weight.device))
     for p in model.parameters():

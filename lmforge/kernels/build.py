@@ -149,6 +149,8 @@ _FAKES = {
     "half_gemv": [("half_gemv", _half_gemv_fake)],
     "int8_gemv": [("int8_gemv", lambda q, scales, x, fp32_out=False: x.new_empty(
         (x.shape[0], q.shape[0]), dtype=torch.float32 if fp32_out else x.dtype))],
+    "int4_gemv": [("int4_gemv", lambda packed, scale, minimum, x, fp32_out=False: x.new_empty(
+        (x.shape[0], packed.shape[0]), dtype=torch.float32 if fp32_out else x.dtype))],
     "fused": [("silu_mul", lambda gate, up: gate.new_empty(gate.shape)),
               ("silu_mul_backward_", lambda d, grad, gate, up: None),
               ("softmax_xent_", lambda z, labels, ignore_index: z.new_empty(z.shape[:1])),

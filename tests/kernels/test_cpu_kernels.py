@@ -599,3 +599,28 @@ def test_int8_linear_decodes_through_it_and_prompts_through_torchs(int8_built, m
         x = torch.randn(rows, 64)
         torch.testing.assert_close(lin(x), F.linear(x, lin.dequantized(), lin.bias), atol=1e-4, rtol=1e-4)
     assert calls == ["int8_gemv", "int8_gemv"]  # 9 rows: torch's _weight_int8pack_mm
+
+
+@pytest.fixture(scope="module")
+def int4_built():
+    if not build.load("int4_gemv"):
+        pytest.skip("the kernel could not be built here (see the warning)")
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_gemv_is_the_product_with_the_unpacked_blocks(int4_built, m, dtype):
+    from lmforge.quantize import Int4Linear
+
+    g = torch.Generator().manual_seed(m)
+    q = torch.randint(0, 16, (300, 96), generator=g)
+    lin = Int4Linear(q, torch.rand(300, 3, generator=g) + 0.01, torch.randn(300, 3, generator=g), None)
+    lin.kernel = True
+    x = torch.randn(m, 96, generator=g).to(dtype)
+    exact = x.double() @ lin.dequantized().double().T
+    y32 = torch.ops.lmforge.int4_gemv(lin.packed, lin.scale, lin.minimum, x, True)
+    torch.testing.assert_close(y32.double(), exact, rtol=0, atol=1e-6 * exact.abs().max().item())
+    ulp_close(lin(x), exact.to(dtype))
+    assert torch.equal(y32[-1:], torch.ops.lmforge.int4_gemv(lin.packed, lin.scale, lin.minimum, x[-1:], True))
+    with pytest.raises(RuntimeError, match=r"\(M <= 8, K\)"):
+        torch.ops.lmforge.int4_gemv(lin.packed, lin.scale, lin.minimum, torch.zeros(9, 96))
