@@ -384,6 +384,16 @@ def test_sigterm_lets_the_stream_in_flight_finish(tiny_folder, tmp_path):
             proc.wait()
 
 
+def test_serve_command_refuses_bad_options_in_one_line(tiny_folder, capsys):
+    from lmforge.cli import main
+
+    for option, value in (("--max-concurrency", "0"), ("--context", "0"), ("--port", "0"), ("--max-waiting", "-1")):
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--model", str(tiny_folder), option, value])
+        assert e.value.code == 2
+        assert f"{option} must be >= " in capsys.readouterr().err
+
+
 # ---- the real model --------------------------------------------------------------------------------------------
 
 

@@ -243,7 +243,7 @@ class Generations:
             while not self.done:
                 try:
                     index, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # (not the builtin TimeoutError before Python 3.11)
                     if await request.is_disconnected():
                         return
                     continue
