@@ -10,7 +10,7 @@ import random
 import re
 from typing import Any
 
-from lmforge.data.demo import arithmetic, operands
+from lmforge.data.demo import MAX_OPERAND, arithmetic, operands
 
 VAL_FRACTION = 0.1
 
@@ -79,6 +79,19 @@ def check(prompt: str, reply: str, exact: bool = True) -> bool:
         return reply.strip().rstrip("。.") == want
     number = re.search(r"\d+", reply)
     return number is not None and int(number[0]) == result
+
+
+def held_out_pairs() -> list[dict[str, Any]]:
+    """Every held-out question in each of the three phrasings, `{"prompt", "response"}` (165): the whole
+    validation split, so held-out accuracy is not a small sample's (of 56 prompts, each moved it 1.8 points)."""
+    out = []
+    for a in range(MAX_OPERAND + 1):
+        for b in range(MAX_OPERAND + 1):
+            for op in "+-" if a >= b else "+":
+                if is_val(a, b, op):
+                    out += [dict(zip(("prompt", "response"), _phrase(a, b, op, arithmetic(a, b, op), kind)))
+                            for kind in range(3)]
+    return out
 
 
 def wrong_answer(rng: random.Random, correct: int) -> int:

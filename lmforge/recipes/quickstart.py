@@ -117,7 +117,7 @@ def _write_jsonl(path: Path, records: list[dict], key: tuple[str, ...] = ("promp
 
 def stage_sft(s: State) -> str:
     """Full fine-tuning on arithmetic Q&A in chat form; held-out questions never seen in training."""
-    from lmforge.data.demo_tasks import sft_pairs
+    from lmforge.data.demo_tasks import held_out_pairs, sft_pairs
     from lmforge.recipes.sft import ChatData, SFTConfig
     from lmforge.recipes.sft import run as sft
 
@@ -125,8 +125,8 @@ def stage_sft(s: State) -> str:
     cfg = SFTConfig(
         out_dir=str(s.out / "sft"), model=ModelSpec(init_from=str(s.model_dir), device=s.device),
         data=ChatData(train=_write_jsonl(data / "sft_train.jsonl", sft_pairs(3000, seed=1)),
-                      val=_write_jsonl(data / "sft_val.jsonl", sft_pairs(80, seed=2, split="val")), max_len=64),
-        batch_size=32, eval_batches=4, eval_max_new_tokens=8,
+                      val=_write_jsonl(data / "sft_val.jsonl", held_out_pairs()), max_len=64),
+        batch_size=32, eval_batches=6, eval_max_new_tokens=8,
         train=TrainConfig(max_steps=s.sft_steps, lr=1e-3, warmup_steps=10, weight_decay=0.0, seed=s.seed,
                           eval_every=_every(s.sft_steps, 2), resume=_stopped(s.out / "sft")),
     )
@@ -179,7 +179,7 @@ def stage_align(s: State) -> str:
     training question (on-policy pairs); reference = a frozen copy. Held-out pairs are made the same way on
     the validation questions, which neither SFT nor DPO trains on."""
     from lmforge.checkpoint import load
-    from lmforge.data.demo_tasks import sft_pairs
+    from lmforge.data.demo_tasks import held_out_pairs, sft_pairs
     from lmforge.data.sft import eval_prompts
     from lmforge.recipes.align import AlignConfig, PreferenceData
     from lmforge.recipes.align import run as align
@@ -187,7 +187,7 @@ def stage_align(s: State) -> str:
     data, key = s.out / "tasks", ("prompt", "rejected")
     model, tok = load(s.model_dir, device=s.device)
     train, n = on_policy_pairs(model, tok, _unique(sft_pairs(ALIGN_PROMPTS, seed=5)), seed=s.seed)
-    val, _ = on_policy_pairs(model, tok, _unique(sft_pairs(80, seed=2, split="val")), seed=s.seed + 1)
+    val, _ = on_policy_pairs(model, tok, held_out_pairs(), seed=s.seed + 1)
     print(f"on-policy pairs: {n['samples']:,} sampled answers to {n['prompts']:,} training questions, "
           f"{n['right'] / n['samples']:.0%} right; {n['on_policy']:,} pairs with a wrong answer the model gave, "
           f"{n['synthetic']:,} questions it never got wrong with a synthetic one (held out: {len(val)} pairs)")
