@@ -202,3 +202,33 @@ def test_ignore_eos_goes_on_to_max_tokens(tiny):
         model.clear_cache()
     assert (stopped.tokens, stopped.reason) == (free[: free.index(free[5])], "stop")
     assert (full.tokens, full.reason) == (free, "length")
+
+
+def test_a_failing_prefill_or_step_ends_those_requests_with_an_error_and_the_loop_goes_on(tiny):
+    model, tok = tiny
+    forward = model.forward
+    fail = {"prompt": 7, "step": False}
+
+    def flaky(ids, *args, **kwargs):
+        if ids.shape[1] == fail["prompt"] or (ids.shape[1] == 1 and fail["step"]):
+            raise RuntimeError("simulated")
+        return forward(ids, *args, **kwargs)
+
+    model.forward = flaky
+    batcher = Batcher(model, tok, slots=2, context=64)
+    batcher.start()
+    try:
+        bad = _submit(batcher, list(range(3, 10)), max_new_tokens=5)  # 7 tokens: its prefill fails
+        assert bad.done.wait(60) and bad.reason == "error" and "RuntimeError" in bad.events[-1].error
+        good = _submit(batcher, [3, 4, 5], max_new_tokens=5)
+        assert good.done.wait(60) and good.reason in ("length", "stop")
+        fail["step"] = True
+        broken = _submit(batcher, [3, 4, 5], max_new_tokens=5)  # its first token, then the step fails
+        assert broken.done.wait(60) and broken.reason == "error" and len(broken.tokens) == 1
+        fail["step"] = False
+        again = _submit(batcher, [3, 4, 5], max_new_tokens=5)
+        assert again.done.wait(60) and again.tokens == good.tokens
+    finally:
+        batcher.stop()
+        del model.forward
+        model.clear_cache()

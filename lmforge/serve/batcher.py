@@ -203,15 +203,18 @@ class Batcher:
             self._end_all()
 
     def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
-        """Runs a prefill (of row args[0]) or a step (of every row); a failure ends the rows it touched with an
-        error, never the loop."""
+        """Runs a prefill (`_admit(b, request)`) or a step (every row); a failure ends the requests it touched with
+        an error, never the loop."""
         try:
             fn(*args)
         except Exception as e:  # e.g. out of memory: those requests end with a clean error, the server goes on
             log.exception("generation failed")
+            error = f"generation failed: {type(e).__name__}"
+            if args and (self.active[args[0]] is None or self.active[args[0]].request is not args[1]):
+                args[1].emit(Event("", finish_reason="error", error=error))  # failed before it took its row
             for b, slot in enumerate(self.active):
                 if slot is not None and (not args or b == args[0]):
-                    self._finish(b, "error", f"generation failed: {type(e).__name__}")
+                    self._finish(b, "error", error)
 
     def _admit(self, b: int, request: Request) -> None:
         """Prefills `request`'s prompt into cache row b and picks its first token."""
