@@ -81,21 +81,19 @@ def pretrained(tmp_path_factory):
     return s
 
 
-@pytest.mark.slow  # pretraining at a reduced size, then SFT, on-policy sampling and DPO three times: minutes on 2 cores
+@pytest.mark.slow  # pretraining at a reduced size, then SFT, on-policy sampling and DPO 3 times: ~240 s of CPU
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_each_stage_moves_its_metric_the_right_way_on_held_out_data(pretrained, tmp_path, seed):
     from lmforge.recipes.quickstart import State, stage_align, stage_sft
 
-    assert pretrained.extra["pretrain_ppl"] < 5  # from ~768 (the vocabulary) untrained
+    assert pretrained.extra["pretrain_ppl"] < 5  # from ~430 untrained; 2.30 here
     s = State(tmp_path, "cpu", **REDUCED, seed=seed, model_dir=pretrained.model_dir, extra=dict(pretrained.extra))
     stage_sft(s)
-    print("METRICS", seed, s.extra["pretrain_ppl"], s.extra["sft_acc"])
-    assert s.extra["sft_acc"] >= 0.2  # from 0%: untuned, the model continues the chat template instead of answering
+    assert s.extra["sft_acc"] >= 0.1  # from 0% (untuned, it continues the chat template); seeds 0-2: 21-22%
     stage_align(s)
     before, after = s.extra["align_pref_acc"]
-    print("METRICS", seed, before, after, s.extra["align_acc"])
-    assert after >= before + 0.03  # DPO: the model prefers the right answer over its own wrong ones more often
-    assert s.extra["align_acc"] >= s.extra["sft_acc"]  # and answers at least as well as after SFT
+    assert after >= before + 0.03  # DPO prefers the right answer to its own wrong ones more often (+6 to +11 points)
+    assert s.extra["align_acc"] >= s.extra["sft_acc"]  # and answers at least as well as after SFT (+3.6 to +6.1)
 
 
 def test_the_checker_judges_answers_in_the_prompts_phrasing_and_free_continuations():
