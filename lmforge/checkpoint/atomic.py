@@ -7,7 +7,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 
@@ -21,19 +21,33 @@ def _fsync(path: Path) -> None:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary sibling path to write; on success it replaces `path` in one rename, on error it is
-    removed and `path` is left as it was."""
-    path = Path(path)
+def _replacing(path: Path, folder: bool) -> Iterator[Path]:
+    """Yields a temporary sibling (a file path, or a made folder); on success it is synced and replaces `path`
+    in one rename (a folder there is moved aside first, then removed), on error it is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, "tmp")
+    if folder:
+        tmp.mkdir()
     try:
         yield tmp
-        _fsync(tmp)
+        for f in tmp.rglob("*") if folder else [tmp]:  # data on disk before the rename makes it visible
+            if f.is_file():
+                _fsync(f)
+        old = _sibling(path, "old") if folder and path.exists() else None
+        if old is not None:
+            os.replace(path, old)
         os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True) if folder else tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_file(path: str | os.PathLike) -> AbstractContextManager[Path]:
+    """Yields a temporary sibling path to write; on success it replaces `path` in one rename, on error it is
+    removed and `path` is left as it was."""
+    return _replacing(Path(path), folder=False)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -42,24 +56,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-@contextmanager
-def atomic_folder(folder: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(folder: str | os.PathLike) -> AbstractContextManager[Path]:
     """Yields a temporary sibling folder; on success it replaces `folder` in one rename, on error it is
     removed and `folder` is left as it was."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(folder, "tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-        for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
-            if f.is_file():
-                _fsync(f)
-        old = _sibling(folder, "old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return _replacing(Path(folder), folder=True)
