@@ -143,6 +143,10 @@ def _parser() -> ArgumentParser:
     sv.add_argument("--context", type=int, default=2048, help="tokens per request, prompt and reply (cache length)")
     sv.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="on SIGTERM, seconds in-flight requests may take to finish")
+    sv.add_argument("--rag", default=None, metavar="INDEX",
+                    help="chat answers from this RAG index (rag index), its sources returned as `sources`")
+    sv.add_argument("--rag-k", type=int, default=3, help="with --rag: chunks retrieved per answer")
+    sv.add_argument("--rag-mode", default="hybrid", choices=["bm25", "dense", "hybrid"], help="with --rag: retrieval")
     sub.add_subcommand("serve", sv, help="serve a model over an OpenAI-compatible HTTP API, with a chat page")
     return root
 
@@ -356,7 +360,7 @@ def _plot(a: Any) -> None:
 def _serve(a: Any) -> None:
     """The HTTP API and chat page, until SIGTERM or Ctrl-C."""
     try:
-        from lmforge.serve.app import serve
+        from lmforge.serve.app import Retrieval, serve
     except ImportError as e:
         raise ValueError(f"serve needs the serve extra ({e.name} is missing): pip install 'lmforge[serve]'") from None
     for name in ("port", "max_concurrency", "context"):
@@ -364,9 +368,10 @@ def _serve(a: Any) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.max_waiting < 0:
         raise ValueError(f"--max-waiting must be >= 0, got {a.max_waiting}")
+    rag = Retrieval(_open_index(a.rag), a.rag_k, a.rag_mode) if a.rag else None
     serve(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name, slots=a.max_concurrency,
           context=a.context, max_waiting=a.max_waiting, device=a.device, dtype=a.dtype,
-          shutdown_timeout=a.shutdown_timeout)
+          shutdown_timeout=a.shutdown_timeout, rag=rag)
 
 
 COMMANDS: dict[str, Callable[[Any], None]] = {  # the commands that are not recipes (see `_recipes`)

@@ -384,6 +384,38 @@ def test_sigterm_lets_the_stream_in_flight_finish(tiny_folder, tmp_path):
             proc.wait()
 
 
+def test_rag_answers_from_the_index_and_returns_its_sources(tiny_tokenizer, tmp_path):
+    """--rag: the chat answer's prompt holds the retrieved chunks as numbered sources (as `rag.answers` builds
+    it), and the response (and a stream's first chunk) names them; completions stay plain."""
+    pytest.importorskip("lmforge.rag")
+    from lmforge.rag import Index, fit_prompt
+    from lmforge.serve.app import Retrieval
+    from tests.fixtures.tiny import make_tiny
+    from tests.test_rag import MANUAL, HashEmbedder, write
+
+    model = make_tiny(tiny_tokenizer.vocab_size, max_seq_len=1024)
+    index = Index.build(tmp_path / "idx", [write(tmp_path / "docs", MANUAL)], embedder=HashEmbedder())
+    question = "What should I descale with, citric acid?"
+    with index, running(create_app(model, tiny_tokenizer, "tiny", context=1024,
+                                   rag=Retrieval(index, k=2, mode="hybrid"))) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        out = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                             max_tokens=4, temperature=0)
+        sources = out.model_extra["sources"]
+        assert [s["index"] for s in sources] == [1, 2] and Path(sources[0]["source"]).name == "care.md"
+        assert "citric acid" in sources[0]["text"] and sources[0]["cite"].endswith("chunk 0")
+        hits = index.search(question, 2, "hybrid")
+        ids, _, _ = fit_prompt(tiny_tokenizer, [{"role": "user", "content": question}], hits, 1024, reserve=4)
+        assert out.usage.prompt_tokens == len(ids)  # the sources were in the prompt
+        chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": question}],
+                                                     max_tokens=4, temperature=0, stream=True))
+        assert chunks[0].model_extra["sources"] == sources
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
+        plain = client.completions.create(model="tiny", prompt=question, max_tokens=2, temperature=0)
+        assert "sources" not in (plain.model_extra or {})
+        assert plain.usage.prompt_tokens == len(tiny_tokenizer.encode(question))
+
+
 def test_serve_command_refuses_bad_options_in_one_line(tiny_folder, capsys):
     from lmforge.cli import main
 

@@ -15,10 +15,11 @@ import hmac
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -206,6 +207,7 @@ class Generations:
             self.jobs.append(Job(prompts[c.index // n], cfg, self._emitter(loop, c.index), logprobs=logprobs,
                                  ignore_eos=ignore_eos))
         self.prompt_tokens = sum(len(p) for p in prompts)
+        self.sources: list[dict[str, Any]] | None = None  # --rag: what the answer was given
 
     def _emitter(self, loop: asyncio.AbstractEventLoop, index: int):
         def emit(event: Event) -> None:  # on the batcher's thread
@@ -279,21 +281,37 @@ class Generations:
 
 
 @dataclass
+class Retrieval:
+    """--rag: chat answers grounded in a `lmforge.rag.Index`; the sources go back with the answer."""
+
+    index: Any
+    k: int = 3
+    mode: str = "hybrid"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def search(self, question: str) -> list[Any]:
+        with self.lock:  # one search at a time: the embedding model and the SQLite connection are shared
+            return self.index.search(question, self.k, self.mode)
+
+
+@dataclass
 class ServerState:
     batcher: Batcher
     tokenizer: Any
     model_name: str
     metrics: Metrics
     created: int = field(default_factory=lambda: int(time.time()))
+    rag: Retrieval | None = None
 
 
 def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | None = None, slots: int = 8,
-               context: int | None = None, max_waiting: int = 64) -> FastAPI:
+               context: int | None = None, max_waiting: int = 64, rag: Retrieval | None = None) -> FastAPI:
     """The ASGI app serving `model` as `model_name`. The batcher's thread starts with the app (lifespan) and
-    stops after the last request ended (uvicorn waits for in-flight requests on SIGTERM first)."""
+    stops after the last request ended (uvicorn waits for in-flight requests on SIGTERM first). `rag`: chat
+    completions retrieve sources for the last user message and answer from them (returned as `sources`)."""
     prometheus_client.disable_created_metrics()  # no *_created series (process-wide; they only add noise)
     batcher = Batcher(model, tokenizer, slots=slots, context=context, max_waiting=max_waiting)
-    state = ServerState(batcher, tokenizer, model_name, Metrics(batcher))
+    state = ServerState(batcher, tokenizer, model_name, Metrics(batcher), rag=rag)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -353,10 +371,18 @@ def create_app(model: Any, tokenizer: Any, model_name: str, *, api_key: str | No
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Any:
         _check_model(state, body.model)
-        prompt = _chat_prompt(state.tokenizer, body.messages)
+        turns = _turns(body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
+        sources = None
+        if state.rag is not None and turns[-1]["role"] == "user":
+            hits = await asyncio.to_thread(state.rag.search, turns[-1]["content"])
+            prompt, hits = _rag_prompt(state, turns, hits, max_tokens)
+            sources = [_source(i, h) for i, h in enumerate(hits, 1)]
+        else:
+            prompt = _chat_prompt(state.tokenizer, turns)
         top = body.top_logprobs or 0
         gen = _generations(state, [prompt], body, max_tokens, top if body.logprobs else None, chat=True)
+        gen.sources = sources
         if body.stream:
             return _sse(_chat_chunks(state, gen, body, request))
         return await _chat_response(state, gen, body, request)
@@ -387,17 +413,46 @@ def _check_model(state: ServerState, name: str) -> None:
                        type="not_found_error", param="model", code="model_not_found")
 
 
-def _chat_prompt(tokenizer: Any, messages: list[Message]) -> list[int]:
+def _turns(messages: list[Message]) -> list[dict[str, str]]:
+    """The messages as the chat template takes them: text content, `developer` as `system`."""
     turns = []
     for m in messages:
         content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
         turns.append({"role": "system" if m.role == "developer" else m.role, "content": content})
+    return turns
+
+
+@contextlib.contextmanager
+def _template_errors() -> Iterator[None]:
     try:
-        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        yield
     except jinja2.TemplateError as e:  # the model's template refuses these messages (e.g. roles out of order)
         raise APIError(400, f"the model's chat template refuses these messages: {e}", param="messages") from None
     except ValueError as e:  # e.g. undecodable text
         raise APIError(400, str(e), param="messages") from None
+
+
+def _chat_prompt(tokenizer: Any, turns: list[dict[str, str]]) -> list[int]:
+    with _template_errors():
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+
+
+def _rag_prompt(state: ServerState, turns: list[dict[str, str]], hits: list[Any], max_tokens: int | None
+                ) -> tuple[list[int], list[Any]]:
+    """The prompt with `hits` as numbered sources (`rag.answers.fit_prompt`: the oldest turns, then the least
+    relevant sources are dropped to leave room for the answer) and the sources kept."""
+    from lmforge.rag.answers import fit_prompt
+
+    context = state.batcher.context
+    with _template_errors():
+        ids, kept, _ = fit_prompt(state.tokenizer, turns, hits, context, reserve=min(max_tokens or context, context // 2))
+    return ids, kept
+
+
+def _source(number: int, hit: Any) -> dict[str, Any]:
+    """A retrieved chunk as the response names it: [number] in the prompt, where it is from, its text."""
+    return {"index": number, "source": hit.source, "location": hit.location, "heading": hit.heading,
+            "chunk": hit.chunk, "score": hit.score, "cite": hit.cite(), "text": hit.text}
 
 
 def _completion_prompts(tokenizer: Any, prompt: Any, vocab: int) -> list[list[int]]:
@@ -502,8 +557,9 @@ async def _chat_response(state: ServerState, gen: Generations, body: ChatRequest
     choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                 "logprobs": _chat_logprobs(state.tokenizer, c.logprobs) if body.logprobs else None,
                 "finish_reason": c.finish_reason} for c in gen.choices]
-    return {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
-            "choices": choices, "usage": _usage(gen), "system_fingerprint": None}
+    out = {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+           "choices": choices, "usage": _usage(gen), "system_fingerprint": None}
+    return out if gen.sources is None else {**out, "sources": gen.sources}
 
 
 async def _completion_response(state: ServerState, gen: Generations, body: CompletionRequest,
@@ -542,8 +598,9 @@ async def _chunks(state: ServerState, gen: Generations, body: _Sampling, request
                "system_fingerprint": None}
         return {**out, "usage": None} if usage else out
 
-    if first is not None:
-        yield chunk([first(c) for c in gen.choices])
+    if first is not None:  # with --rag, the first chunk carries the sources
+        opening = chunk([first(c) for c in gen.choices])
+        yield opening if gen.sources is None else {**opening, "sources": gen.sources}
     async for c, event in gen.events(request):
         if event.finish_reason in ("error", "cancelled"):
             err = _failed(gen)
@@ -634,7 +691,8 @@ class Counting:
 
 def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, slots: int = 8, context: int | None = 2048, max_waiting: int = 64,
-          device: str = "auto", dtype: str | None = None, shutdown_timeout: float = 30.0) -> None:
+          device: str = "auto", dtype: str | None = None, shutdown_timeout: float = 30.0,
+          rag: Retrieval | None = None) -> None:
     """Loads the model and serves it until SIGTERM / Ctrl-C: then in-flight requests finish (for up to
     `shutdown_timeout` seconds; after that they end with a clean error) and the process exits."""
     import uvicorn
@@ -646,8 +704,9 @@ def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, api_key
         raise ValueError(f"{model_path}: no tokenizer.json — serving needs the model's tokenizer")
     name = model_name or Path(str(model_path).rstrip("/")).name
     key = api_key or os.environ.get(API_KEY_ENV) or None
-    app = create_app(model, tokenizer, name, api_key=key, slots=slots, context=context, max_waiting=max_waiting)
+    app = create_app(model, tokenizer, name, api_key=key, slots=slots, context=context, max_waiting=max_waiting,
+                     rag=rag)
     ctx = app.state.lmforge.batcher.context
     print(f"serving {name} ({ctx} tokens of context, {slots} slots) on http://{host}:{port}/"
-          f"{'  (API key required)' if key else ''}", flush=True)
+          f"{'  (API key required)' if key else ''}{f'  (answers from {rag.index.path})' if rag else ''}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
