@@ -138,6 +138,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrent clients")
     ap.add_argument("--tokens", type=int, default=128, help="tokens per answer")
     ap.add_argument("--dtype", default="float32", help="lmforge's dtype (float32, bfloat16)")
+    ap.add_argument("--quantize", default=None, choices=["int8", "int4", "gguf"], help="lmforge serve --quantize")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of each server")
     ap.add_argument("--skip-one-at-a-time", action="store_true", help="only the batched lmforge server")
     args = ap.parse_args()
@@ -150,7 +151,7 @@ def main() -> None:
         port = free_port()
         cmd = [sys.executable, "-m", "lmforge", "serve", "--model", str(path), "--port", str(port), "--device", "cpu",
                "--dtype", args.dtype, "--model-name", "smollm2", "--max-concurrency", str(slots), "--context", "512",
-               "--max-waiting", str(most)]
+               "--max-waiting", str(most)] + (["--quantize", args.quantize] if args.quantize else [])
         return Server(name, cmd, "smollm2", {"ignore_eos": True}, port)
 
     servers = [lmforge(f"lmforge, batched ({most} slots)", most)]
@@ -185,7 +186,7 @@ def main() -> None:
                 proc.kill()
 
     print(f"\n{args.tokens}-token answers, SmolLM2-135M-Instruct ({path.name}), {args.threads} threads, "
-          f"lmforge dtype {args.dtype}\n")
+          f"lmforge dtype {args.dtype}{f', --quantize {args.quantize}' if args.quantize else ''}\n")
     print("| server | clients | tokens/s | TTFT p50 | TTFT p95 | per-token p50 | per-token p95 |")
     print("|---|---|---|---|---|---|---|")
     for name, n, s in rows:

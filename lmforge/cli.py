@@ -369,9 +369,10 @@ def _serve(a: Any) -> None:
     if a.max_waiting < 0:
         raise ValueError(f"--max-waiting must be >= 0, got {a.max_waiting}")
     rag = Retrieval(_open_index(a.rag), a.rag_k, a.rag_mode) if a.rag else None
-    serve(a.model, host=a.host, port=a.port, api_key=a.api_key, model_name=a.model_name, slots=a.max_concurrency,
-          context=a.context, max_waiting=a.max_waiting, device=a.device, dtype=a.dtype,
-          shutdown_timeout=a.shutdown_timeout, rag=rag)
+    model, tok = _load(a)
+    name = a.model_name or Path(str(a.model).rstrip("/")).name
+    serve(model, tok, name, host=a.host, port=a.port, api_key=a.api_key, slots=a.max_concurrency, context=a.context,
+          max_waiting=a.max_waiting, shutdown_timeout=a.shutdown_timeout, rag=rag)
 
 
 COMMANDS: dict[str, Callable[[Any], None]] = {  # the commands that are not recipes (see `_recipes`)

@@ -232,3 +232,23 @@ def test_a_failing_prefill_or_step_ends_those_requests_with_an_error_and_the_loo
         batcher.stop()
         del model.forward
         model.clear_cache()
+
+
+def test_a_quantized_model_batches_as_it_generates_alone(tiny):
+    """`serve --quantize int8` swaps the linears (lmforge.quantize); rows decoded together still get the
+    tokens the quantized model gives each prompt alone."""
+    from lmforge.quantize import quantize
+
+    model, tok = copy.deepcopy(tiny[0]), tiny[1]
+    model.clear_cache()
+    quantize(model, "int8")
+    batcher = Batcher(model, tok, slots=3, context=64)
+    prompts = [tok.encode(t) for t in ("The cat", "A dog ran in", "Numbers: 1", "park.")]
+    batcher.start()
+    try:
+        outs = [_submit(batcher, p, max_new_tokens=10) for p in prompts]
+        assert all(o.done.wait(60) for o in outs)
+    finally:
+        batcher.stop()
+        model.clear_cache()
+    assert [o.tokens for o in outs] == [generate(model, p, 10, tokenizer=tok)[0] for p in prompts]

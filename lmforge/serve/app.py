@@ -689,24 +689,18 @@ class Counting:
 # ---- running it --------------------------------------------------------------------------------------------
 
 
-def serve(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str | None = None, slots: int = 8, context: int | None = 2048, max_waiting: int = 64,
-          device: str = "auto", dtype: str | None = None, shutdown_timeout: float = 30.0,
-          rag: Retrieval | None = None) -> None:
-    """Loads the model and serves it until SIGTERM / Ctrl-C: then in-flight requests finish (for up to
-    `shutdown_timeout` seconds; after that they end with a clean error) and the process exits."""
+def serve(model: Any, tokenizer: Any, model_name: str, *, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, slots: int = 8, context: int | None = 2048, max_waiting: int = 64,
+          shutdown_timeout: float = 30.0, rag: Retrieval | None = None) -> None:
+    """Serves `model` until SIGTERM / Ctrl-C: then in-flight requests finish (for up to `shutdown_timeout`
+    seconds; after that they end with a clean error) and the process exits. `api_key` defaults to the
+    LMFORGE_API_KEY environment variable."""
     import uvicorn
 
-    from lmforge.checkpoint import load
-
-    model, tokenizer = load(model_path, device=device, dtype=dtype)
-    if tokenizer is None:
-        raise ValueError(f"{model_path}: no tokenizer.json — serving needs the model's tokenizer")
-    name = model_name or Path(str(model_path).rstrip("/")).name
     key = api_key or os.environ.get(API_KEY_ENV) or None
-    app = create_app(model, tokenizer, name, api_key=key, slots=slots, context=context, max_waiting=max_waiting,
-                     rag=rag)
+    app = create_app(model, tokenizer, model_name, api_key=key, slots=slots, context=context,
+                     max_waiting=max_waiting, rag=rag)
     ctx = app.state.lmforge.batcher.context
-    print(f"serving {name} ({ctx} tokens of context, {slots} slots) on http://{host}:{port}/"
+    print(f"serving {model_name} ({ctx} tokens of context, {slots} slots) on http://{host}:{port}/"
           f"{'  (API key required)' if key else ''}{f'  (answers from {rag.index.path})' if rag else ''}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=shutdown_timeout)
