@@ -329,6 +329,22 @@ def test_a_client_that_leaves_frees_its_slot_and_a_full_server_says_429(slow_url
     assert done.status_code == 200 and done.json()["choices"][0]["finish_reason"] in ("length", "stop")
 
 
+def test_a_client_that_leaves_a_plain_request_cancels_it(slow_url):
+    """Not streamed: the server notices the closed connection while tokens are still coming (50 tokens at
+    >= 50 ms each) and cancels the generation instead of finishing it."""
+    def cancelled() -> float:
+        line = [x for x in httpx.get(slow_url + "/metrics").text.splitlines()
+                if x.startswith('lmforge_finished_total{reason="cancelled"}')]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    before = cancelled()
+    body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(slow_url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    assert wait_until(lambda: cancelled() == before + 1, 20)
+    assert httpx.get(slow_url + "/health").json()["busy"] == 0
+
+
 def test_sigterm_lets_the_stream_in_flight_finish(tiny_folder, tmp_path):
     """`lmforge serve` in a subprocess (its model slowed to 50 ms a step): SIGTERM while a reply streams; the
     reply still ends with its finish reason and [DONE], the process exits by itself without a traceback, and new

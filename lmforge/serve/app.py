@@ -240,15 +240,21 @@ class Generations:
 
     async def events(self, request: Request) -> AsyncIterator[tuple[Choice, Event]]:
         """Each event as it comes, applied to its choice, until every choice ended. The client leaving
-        (checked while waiting) cancels every choice."""
+        (checked every half second, also while tokens flow) cancels every choice."""
+        checked = time.monotonic()
         try:
             while not self.done:
                 try:
-                    index, event = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                    item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
                 except asyncio.TimeoutError:  # (not the builtin TimeoutError before Python 3.11)
+                    item = None
+                if time.monotonic() - checked >= 0.5:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if item is None:
                     continue
+                index, event = item
                 c = self.choices[index]
                 self._apply(c, event)
                 yield c, event
