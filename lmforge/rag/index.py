@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from lmforge.data.errors import DataError
-from lmforge.rag.chunking import chunk_sections
+from lmforge.rag.chunking import Chunk, chunk_sections
 from lmforge.rag.documents import MARKUP, Unreadable, find_documents, read_document
 from lmforge.rag.embed import Embedder, EmbedderLike
 
@@ -133,6 +133,21 @@ class IndexReport:
         if self.ignored:
             lines.append(f"{len(self.ignored)} file(s) of other types ignored")
         return "\n".join(lines)
+
+
+@dataclass
+class _Pending:
+    """A file read and chunked, waiting for its new chunks' embeddings (`todo`: their positions)."""
+
+    path: Path
+    source: str
+    doc_id: int | None  # None: not in the index yet
+    digest: str
+    size: int
+    chunks: list[Chunk]
+    hashes: list[str]
+    old: dict[str, bytes]  # sha256 -> embedding of the chunks the index holds for this file
+    todo: list[int]
 
 
 class IndexMismatch(ValueError):
@@ -286,58 +301,77 @@ class Index:
 
     def add(self, files: Sequence[str | os.PathLike], report: IndexReport | None = None,
             progress: bool = False) -> IndexReport:
-        """Indexes `files` (new or changed since indexed; unchanged ones are left), one transaction per file."""
+        """Indexes `files` (new or changed since indexed; unchanged ones are left). Chunks of several files are
+        embedded together (4 of the embedder's batches at a time), then each file is written in a transaction
+        of its own."""
         if not self.writable:
             raise ValueError(f"{self.path}: opened read-only; use Index.open(path, writable=True)")
         report = report if report is not None else IndexReport()
-        markdown_like = set(MARKUP)
+        pending: list[_Pending] = []
+        flush_at = 4 * getattr(self.embedder, "batch_size", 64)
         for f in tqdm([Path(f).resolve() for f in files], desc="indexing", unit="file", disable=not progress):
-            source = _display(f)
-            try:
-                data = f.read_bytes()
-            except OSError as e:
-                report.skipped.append((source, f"cannot read ({e.strerror})"))
-                continue
-            digest = _sha256(data)
-            row = self.db.execute("SELECT id, sha256 FROM documents WHERE path = ?", (str(f),)).fetchone()
-            if row is not None and row[1] == digest:
-                report.unchanged.append(source)
-                continue
-            try:
-                sections = read_document(f, report.bad_lines)
-                chunks = chunk_sections(sections, self.embedder.token_offsets, self.chunk_tokens, self.overlap,
-                                        markdown=f.suffix.lower() in markdown_like)
-            except Unreadable as e:
-                report.skipped.append((source, str(e)))
-                continue
-            hashes = [_sha256(c.embed_text) for c in chunks]
-            old = {} if row is None else dict(self.db.execute(
-                "SELECT sha256, embedding FROM chunks WHERE doc_id = ?", (row[0],)))
-            todo = [i for i, h in enumerate(hashes) if h not in old]
-            vectors = self.embedder.encode([chunks[i].embed_text for i in todo])
-            blobs = {hashes[i]: v.astype(np.float32).tobytes() for i, v in zip(todo, vectors)}
-            report.embedded += len(todo)
-            report.reused += len(chunks) - len(todo)
+            doc = self._prepare(f, report)
+            if doc is not None:
+                pending.append(doc)
+            if sum(len(d.todo) for d in pending) >= flush_at:
+                self._write(pending, report)
+                pending = []
+        self._write(pending, report)
+        return report
+
+    def _prepare(self, f: Path, report: IndexReport) -> _Pending | None:
+        """A new or changed file read and chunked, with the embeddings its unchanged chunks already have; None
+        when the file is unchanged or unreadable (counted in `report`)."""
+        source = _display(f)
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            report.skipped.append((source, f"cannot read ({e.strerror})"))
+            return None
+        digest = _sha256(data)
+        row = self.db.execute("SELECT id, sha256 FROM documents WHERE path = ?", (str(f),)).fetchone()
+        if row is not None and row[1] == digest:
+            report.unchanged.append(source)
+            return None
+        try:
+            chunks = chunk_sections(read_document(f, report.bad_lines), self.embedder.token_offsets,
+                                    self.chunk_tokens, self.overlap, markdown=f.suffix.lower() in MARKUP)
+        except Unreadable as e:
+            report.skipped.append((source, str(e)))
+            return None
+        hashes = [_sha256(c.embed_text) for c in chunks]
+        old = {} if row is None else dict(self.db.execute(
+            "SELECT sha256, embedding FROM chunks WHERE doc_id = ?", (row[0],)))
+        todo = [i for i, h in enumerate(hashes) if h not in old]
+        return _Pending(f, source, None if row is None else row[0], digest, len(data), chunks, hashes, old, todo)
+
+    def _write(self, docs: list[_Pending], report: IndexReport) -> None:
+        """Embeds the new chunks of `docs` in one call, then writes each document in its own transaction."""
+        texts = [d.chunks[i].embed_text for d in docs for i in d.todo]
+        vectors = iter(self.embedder.encode(texts)) if texts else iter(())
+        for d in docs:
+            blobs = dict(d.old) | {d.hashes[i]: next(vectors).astype(np.float32).tobytes() for i in d.todo}
+            report.embedded += len(d.todo)
+            report.reused += len(d.chunks) - len(d.todo)
             with _transaction(self.db):
-                if row is None:
+                if d.doc_id is None:
                     doc_id = self.db.execute(
                         "INSERT INTO documents (path, source, sha256, bytes, n_chunks) VALUES (?, ?, ?, ?, ?)",
-                        (str(f), source, digest, len(data), len(chunks))).lastrowid
+                        (str(d.path), d.source, d.digest, d.size, len(d.chunks))).lastrowid
                 else:
-                    doc_id = row[0]
+                    doc_id = d.doc_id
                     self._delete_chunks(doc_id)
                     self.db.execute("UPDATE documents SET source = ?, sha256 = ?, bytes = ?, n_chunks = ? "
-                                    "WHERE id = ?", (source, digest, len(data), len(chunks), doc_id))
-                for i, (c, h) in enumerate(zip(chunks, hashes)):
+                                    "WHERE id = ?", (d.source, d.digest, d.size, len(d.chunks), doc_id))
+                for i, (c, h) in enumerate(zip(d.chunks, d.hashes)):
                     cid = self.db.execute(
                         "INSERT INTO chunks (doc_id, ord, location, heading, text, n_tokens, sha256, embedding) "
                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (doc_id, i, c.location, c.heading, c.text, c.n_tokens, h, blobs.get(h) or old[h])).lastrowid
+                        (doc_id, i, c.location, c.heading, c.text, c.n_tokens, h, blobs[h])).lastrowid
                     self.db.execute("INSERT INTO chunks_fts (rowid, terms) VALUES (?, ?)",
                                     (cid, " ".join(terms(c.embed_text))))
-            (report.added if row is None else report.updated).append(source)
+            (report.added if d.doc_id is None else report.updated).append(d.source)
             self._matrix = None
-        return report
 
     def _delete_chunks(self, doc_id: int) -> None:
         self.db.execute("DELETE FROM chunks_fts WHERE rowid IN (SELECT id FROM chunks WHERE doc_id = ?)", (doc_id,))
