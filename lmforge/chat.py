@@ -12,7 +12,7 @@ HELP = "/reset clears the conversation, /exit (or Ctrl-D) ends it."
 
 
 def chat_loop(model: Transformer, tokenizer: Any, system: str | None = None, max_new_tokens: int = 512,
-              read: Callable[[str], str] = input, write: Callable[..., Any] = print, index: Any = None,
+              read: Callable[[str], str] | None = None, write: Callable[..., Any] = print, index: Any = None,
               k: int = 3, mode: str = "hybrid", **options: Any) -> list[dict[str, str]]:
     """Reads a user turn with `read`, streams the reply with `write(piece, end="", flush=True)`, repeats.
 
@@ -24,6 +24,7 @@ def chat_loop(model: Transformer, tokenizer: Any, system: str | None = None, max
     it no longer fits the context the oldest turns are dropped. `/reset` clears the history (the system
     prompt stays), `/exit` or EOF ends; Ctrl-C stops a reply (what came so far stays in the history), and at
     the prompt ends the chat. `options` are GenerationConfig fields. Returns the history."""
+    read = read or input  # looked up per call, so a patched builtins.input is the one used
     base = [{"role": "system", "content": system}] if system else []
     messages = list(base)
     write(HELP)

@@ -36,9 +36,9 @@ def rag_messages(messages: Sequence[dict[str, str]], hits: Sequence[Hit], placem
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     msgs = list(messages)
-    numbered = [f"[{i}] {_title(h)}\n{h.text}" for i, h in enumerate(hits, 1)]
     if not hits:
         return msgs
+    numbered = [f"[{i}] {_title(h)}\n{h.text}" for i, h in enumerate(hits, 1)]
     if placement == "system":
         system = "\n\n".join([INSTRUCTION, "Sources:", *numbered])
         if msgs and msgs[0]["role"] == "system":

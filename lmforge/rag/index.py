@@ -5,8 +5,10 @@ Search is lexical BM25 (SQLite FTS5), dense (cosine against every chunk's embedd
 matrix product, 15 MB and ~1 ms at 10k chunks), or both fused by reciprocal rank fusion. The BM25 terms are
 made here (`terms`): words folded to lower case, Porter-stemmed by FTS5, and Chinese/Japanese/Korean text as
 single characters plus character bigrams — FTS5's own tokenizers keep a whole CJK run as one token.
-FTS5 rather than `bm25s`: same recall on the product manual and similar latency (benchmarks/rag.py), and its
-table lives in the same database, so an update is one transaction with the chunks it indexes.
+FTS5 rather than `bm25s` (benchmarks/rag.py): its table lives in the same database, so an update is one
+transaction with the chunks it indexes, where bm25s rebuilds its whole matrix on any change; with these terms
+it finds more on the product manual (recall@1 0.75 against bm25s's 0.62 with its own tokenizer); bm25s answers
+faster (0.4 against ~9 ms at 12k chunks), both well inside a query's embedding time.
 
 `Index.build` keeps an index in step with folders: it works on a copy (`INDEX.building`) that is committed one
 file at a time and renamed over INDEX only when complete. A killed run leaves INDEX as it was; the next run
