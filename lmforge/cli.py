@@ -10,6 +10,7 @@ import dataclasses
 import shlex
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -450,13 +451,28 @@ def run(argv: list[str] | None = None) -> None:
         check_recipe_args(_recipes()[args[0]][0], args[1:])
     parser = _parser()
     args = parser.instantiate(parser.parse_args(args))
+    from lmforge.utils import sigterm_interrupts
+
     a = args[args.command]
     recipe = _recipes().get(args.command)
-    if recipe is not None:
-        config, run_recipe = recipe[:2]
-        run_recipe(_build(config, a))
-    else:
-        COMMANDS[args.command](a)
+    with sigterm_interrupts() if args.command in RESUMABLE else nullcontext():
+        if recipe is not None:
+            config, run_recipe = recipe[:2]
+            run_recipe(_build(config, a))
+        else:
+            COMMANDS[args.command](a)
+
+
+# commands that write a run a user continues after a stop: --resume for the recipes; prepare and the quickstart
+# continue by being run again (they skip what is complete)
+RESUMABLE = ("pretrain", "sft", "align", "prepare", "quickstart")
+
+
+def _continue_with(argv: list[str] | None) -> str:
+    """The command that continues a stopped run: the same, with --resume where it takes one."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    again = args if "--resume" in args or args[:1] in (["quickstart"], ["prepare"]) else [*args, "--resume"]
+    return f"lmforge {shlex.join(again)}"
 
 
 def _looks_like_choices(path: str) -> bool:
@@ -508,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     from lmforge.config import ConfigError
     from lmforge.train.distributed import DistributedError, shutdown
     from lmforge.train.loop import NonFiniteError, Stopped
-    from lmforge.utils import PlacementError, placement_errors
+    from lmforge.utils import PlacementError, Terminated, placement_errors
 
     try:
         with placement_errors():  # torch's device/dtype mismatch, as one line
@@ -526,9 +542,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"lmforge: error: chat template: {type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
     except Stopped as e:  # SIGINT/SIGTERM: the run stopped after a step, with a checkpoint there
-        args = list(sys.argv[1:] if argv is None else argv)
-        again = args if "--resume" in args or args[:1] == ["quickstart"] else [*args, "--resume"]
-        print(f"lmforge: {e}. Continue with: lmforge {shlex.join(again)}", file=sys.stderr)
+        print(f"lmforge: {e}. Continue with: {_continue_with(argv)}", file=sys.stderr)
         sys.exit(130 if e.signal_name == "SIGINT" else 143)  # 128 + the signal's number, as a shell reports it
     except NonFiniteError as e:  # the run stopped; its last good checkpoint is untouched
         print(f"lmforge: error: {e}", file=sys.stderr)
@@ -536,9 +550,15 @@ def main(argv: list[str] | None = None) -> None:
     except DistributedError as e:  # another process died or hung (under torchrun)
         print(f"lmforge: error: {e}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM in a run outside its training steps (`Terminated`)
+        name = "SIGTERM" if isinstance(e, Terminated) else "SIGINT"
+        args = list(sys.argv[1:] if argv is None else argv)
+        if args[:1] and args[0] in RESUMABLE:  # preparing data, loading, evaluating or saving: atomic writes
+            print(f"lmforge: stopped by {name}; what was written whole is kept. Continue with: "
+                  f"{_continue_with(argv)}", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
+        sys.exit(143 if name == "SIGTERM" else 130)
     shutdown()  # end the process group of a torchrun run (a no-op otherwise)
 
 

@@ -65,16 +65,35 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def lora_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Names of the linear layers that `targets` choose: a layer whose last name part equals a target, or whose
+    full name a target matches as a regex (never lm_head). Every target the user names must choose a layer;
+    the default list names both MLP kinds (gate_up, up), so there it is enough that some target does."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    chosen: dict[str, None] = {}
+    missing = []
+    for t in targets:
+        try:
+            hits = [n for n in linears if n.split(".")[-1] == t or re.fullmatch(t, n)]
+        except re.error as e:
+            raise ValueError(f"lora.targets: {t!r} is neither a layer name nor a valid regex ({e})") from None
+        chosen.update(dict.fromkeys(hits))
+        if not hits:
+            missing.append(t)
+    if missing and (tuple(targets) != DEFAULT_TARGETS or not chosen):
+        kinds = dict.fromkeys(n.split(".")[-1] for n in linears)
+        raise ValueError(f"lora.targets {missing} match no linear layer of the model; its layers are "
+                         f"{', '.join(kinds)} (a regex is matched against full names such as {linears[0]!r})")
+    return list(chosen)
+
+
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                targets: Sequence[str] = DEFAULT_TARGETS) -> nn.Module:
-    """Freezes `model` and replaces every nn.Linear whose name ends with one of `targets` (e.g. "qkv",
-    "out", "gate_up", "down"; or a regex matched against the full name) by a LoRALinear. In place."""
+    """Freezes `model` and replaces every nn.Linear that `targets` choose (`lora_targets`: e.g. "qkv", "out",
+    "gate_up", "down"; or a regex matched against the full name) by a LoRALinear. In place."""
+    chosen = lora_targets(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
-    chosen = [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"
-              and any(name.split(".")[-1] == t or re.fullmatch(t, name) for t in targets)]
-    if not chosen:
-        raise ValueError(f"LoRA targets {list(targets)} match no linear layer of the model")
     for name in chosen:
         replace_module(model, name, LoRALinear(model.get_submodule(name), r, alpha, dropout))
     return model

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -96,3 +98,27 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     """bf16/fp16 autocast on CUDA when asked for; a no-op context otherwise."""
     enabled = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
     return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=enabled)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM where `sigterm_interrupts` is in force: the work stops at once, as Ctrl-C stops it (a
+    KeyboardInterrupt, so no `except Exception` on the way takes it for a failure of its own)."""
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block SIGTERM raises `Terminated` where the main thread is, instead of killing the process
+    outright: files being written are cleaned up by their `atomic_*` blocks, and the command line can say how to
+    continue. (`fit` handles both signals itself while it trains: a step finishes and is checkpointed first.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    before = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)

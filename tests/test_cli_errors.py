@@ -296,3 +296,17 @@ def test_prepare_warns_when_the_validation_split_is_empty(tmp_path, caplog, tiny
     with caplog.at_level("WARNING"):
         prepare([tmp_path / "one.txt"], tiny_tokenizer, tmp_path / "d", val_fraction=0.01, workers=1, progress=False)
     assert "the validation split of" in caplog.text and "is empty" in caplog.text
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--lora.enabled", "true", "--lora.targets", "[qkv, qvk]"],
+     "lora.targets ['qvk'] match no linear layer of the model; its layers are qkv, out, gate_up, down"),
+    (["--lora.enabled", "true", "--lora.targets", "['(']"], "lora.targets: '(' is neither a layer name nor a valid regex"),
+    (["--adapter", "no/such/adapter"], "adapter no/such/adapter: no adapter_config.json there"),
+])
+def test_lora_settings_are_checked_before_the_data_is_read(tmp_path, capsys, tiny, options, message):
+    out = tmp_path / "run"  # the data file does not exist: its error would come first if the data were read first
+    err = fails(["sft", "--out_dir", str(out), "--model.init_from", str(tiny / "m"),
+                 "--data.train", str(tmp_path / "missing.jsonl"), *options], capsys)
+    assert message in err
+    assert not (out / "checkpoints").exists()

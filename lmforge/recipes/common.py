@@ -19,7 +19,14 @@ from lmforge.checkpoint import load, load_weights, save, write_model_folder
 from lmforge.checkpoint.peft import load_adapter, save_adapter, set_adapter_state
 from lmforge.checkpoint.run import open_run
 from lmforge.config import ConfigError, ModelConfig
-from lmforge.lora import DEFAULT_TARGETS, apply_lora, lora_modules, merge_lora, trainable_parameters
+from lmforge.lora import (
+    DEFAULT_TARGETS,
+    apply_lora,
+    lora_modules,
+    lora_targets,
+    merge_lora,
+    trainable_parameters,
+)
 from lmforge.model import Transformer
 from lmforge.utils import resolve_device, resolve_dtype
 
@@ -135,8 +142,7 @@ def model_hooks(model: Transformer, tokenizer: Any):
 
 def setup_lora(model: Transformer, cfg: Any, dist: Any = None) -> None:
     """Adapters for a fine-tuning config (`cfg.adapter` to continue, or `cfg.lora`); prints what trains."""
-    if (cfg.adapter or cfg.lora.enabled) and dist is not None and dist.strategy == "fsdp":
-        raise ValueError("LoRA with train.strategy fsdp is not supported (adapters are small: use ddp)")
+    check_lora(model, cfg, dist)
     if cfg.adapter:
         load_adapter(model, cfg.adapter)
         for m in lora_modules(model).values():
@@ -245,7 +251,20 @@ def start_finetune(cfg: Any, dist: Any, stage: str) -> tuple[Path, Any, int, int
     model, tokenizer = build_model(cfg.model, seed=cfg.train.seed, dist=dist)
     if tokenizer is None:
         raise ValueError(f"{cfg.model.init_from}: no tokenizer found next to the model")
+    check_lora(model, cfg, dist)  # before any data is read
     return out, dist, rank, world, model, tokenizer
+
+
+def check_lora(model: Transformer, cfg: Any, dist: Any = None) -> None:
+    """What `setup_lora` will need, checked before the work: the strategy, the adapter folder, the targets."""
+    if (cfg.adapter or cfg.lora.enabled) and dist is not None and dist.strategy == "fsdp":
+        raise ValueError("LoRA with train.strategy fsdp is not supported (adapters are small: use ddp)")
+    if cfg.adapter:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            if not (Path(cfg.adapter) / name).is_file():
+                raise ValueError(f"adapter {cfg.adapter}: no {name} there (a LoRA adapter folder, PEFT layout)")
+    elif cfg.lora.enabled:
+        lora_targets(model, cfg.lora.targets)
 
 
 def save_final(model: Transformer, tokenizer: Any, out_dir: str | Path, dist: Any = None,

@@ -305,6 +305,7 @@ def fit(
             if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:
                 last_eval = _evaluate(model, evaluate, device, amp_dtype)
                 metrics.log_eval(step + 1, last_eval)
+                stopping = done = stop.agreed(dist)  # a signal during the evaluation: stop at this step
             if save_model is not None and ((cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0) or done):
                 checkpoint(step + 1)
             if stopping:
