@@ -96,7 +96,7 @@ def _parser() -> ArgumentParser:
     cv.add_argument("dst", help="output folder, or a .gguf file")
     cv.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as stored)")
     cv.add_argument("--outtype", default=None,
-                    help="for a .gguf destination: f32, f16, bf16 or q8_0 (default f16), as llama.cpp's converter")
+                    help="for a .gguf destination: f32, f16, bf16, q8_0, q4_0 or q4_1 (default f16; 4-bit files keep the embedding and head at q8_0)")
     sub.add_subcommand("convert", cv, help="convert a checkpoint (GGUF <-> HF safetensors)")
 
     g = ArgumentParser(description="Generate a continuation of a prompt.")

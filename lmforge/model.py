@@ -282,11 +282,11 @@ class Transformer(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.tok_emb.weight.device
+        return self.norm.weight.device  # the norm: its weight stays a float tensor when linears are quantized
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.tok_emb.weight.dtype
+        return self.norm.weight.dtype
 
     def setup_cache(self, batch: int, max_len: int | None = None) -> None:
         """Creates a static KV cache for `batch` sequences of up to `max_len` tokens (generation)."""
@@ -404,5 +404,6 @@ class Transformer(nn.Module):
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
-            n -= self.tok_emb.weight.numel() + (self.pos_emb.weight.numel() if self.pos_emb is not None else 0)
+            embeddings = [self.tok_emb] + ([self.pos_emb] if self.pos_emb is not None else [])
+            n -= sum(p.numel() for e in embeddings for p in e.parameters())
         return n

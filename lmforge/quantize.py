@@ -7,8 +7,9 @@ file's own Q8_0 / Q4_0 / Q4_1 blocks. Activations stay in the model's dtype. On 
 these functions); int8 prompts through torch's `_weight_int8pack_mm`; the rest through the weight unpacked
 for the product (correct, not fast).
 
-The model's embeddings and norms stay as they are; a tied LM head gets its own quantized copy of the
-embedding (the embedding lookup keeps the float table)."""
+Norms (and an untied model's embedding) stay as they are. A tied model's LM head is quantized, and its
+embedding then reads the same quantized table (`QuantEmbedding`): the weights are held once, at their
+quantized size."""
 
 from __future__ import annotations
 
@@ -46,6 +47,11 @@ class Int8Linear(nn.Module):
         """The weight these int8 values stand for, fp32 (out, in)."""
         groups = self.q.float().view(self.out_features, self.scale.shape[1], -1)  # (out, in / G, G)
         return (groups * self.scale[..., None]).view(self.out_features, self.in_features)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the dequantized weight, fp32 (*ids.shape, in): an embedding lookup in this table."""
+        groups = self.q[ids].float().unflatten(-1, (self.scale.shape[1], -1))  # (..., in / G, G)
+        return (groups * self.scale[ids][..., None]).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
@@ -101,9 +107,13 @@ class Int4Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight these 4-bit values stand for, fp32 (out, in)."""
-        p = self.packed.view(self.out_features, -1, 16)  # (out, in / 32, 16)
-        q = torch.cat((p & 0x0F, p >> 4), dim=-1).float()  # (out, in / 32, 32)
-        return (q * self.scale[..., None] + self.minimum[..., None]).view(self.out_features, self.in_features)
+        return self.rows(torch.arange(self.out_features, device=self.packed.device))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the dequantized weight, fp32 (*ids.shape, in): an embedding lookup in this table."""
+        p = self.packed[ids].unflatten(-1, (-1, 16))  # (..., in / 32, 16)
+        q = torch.cat((p & 0x0F, p >> 4), dim=-1).float()  # (..., in / 32, 32)
+        return (q * self.scale[ids][..., None] + self.minimum[ids][..., None]).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
@@ -118,6 +128,30 @@ class Int4Linear(nn.Module):
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class QuantEmbedding(nn.Module):
+    """The token embedding of a tied model read from the LM head's quantized table (the same buffers, held
+    once): a lookup dequantizes only the rows it reads, in the model's `dtype`."""
+
+    def __init__(self, table: Int8Linear | Int4Linear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.table, self.dtype = table, dtype
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.rows(ids).to(self.dtype)  # (*ids.shape, dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, the LM head's quantized table"
+
+
+def _share_tied_table(model: nn.Module) -> None:
+    """A tied model whose LM head is now quantized reads its embeddings from that table: the float table
+    (as big as every other weight of a small model together) is dropped."""
+    head = getattr(model, "lm_head", None)
+    if getattr(getattr(model, "config", None), "tie_embeddings", False) and isinstance(head, (Int8Linear, Int4Linear)):
+        model.tok_emb = QuantEmbedding(head, model.tok_emb.weight.dtype)
 
 
 def quantize(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
@@ -142,6 +176,7 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
         if kernel:
             new.kernel = True
         setattr(parent, name, new.to(child.weight.device))
+    _share_tied_table(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -154,8 +189,8 @@ def _name(model: nn.Module, module: nn.Module) -> str:
 def load_gguf_blocks(model: nn.Module, path) -> nn.Module:
     """Replaces each linear of `model` (loaded from the GGUF file `path`) whose weight is Q8_0, Q4_0 or Q4_1
     blocks in the file by an int8 / int4 module holding exactly those blocks' values and scales — nothing
-    dequantized and quantized again (a tied LM head gets the embedding's blocks; the embedding lookup keeps
-    its float table). Matrices of other types (K-quants, F16...) stay float. In place; returned."""
+    dequantized and quantized again (a tied LM head gets the embedding's blocks, and the embedding then reads
+    them: `QuantEmbedding`). Matrices of other types (K-quants, F16...) stay float. In place; returned."""
     from lmforge.checkpoint.gguf import read_blocks
     from lmforge.checkpoint.hf import FAMILIES, hf_names, key_template
 
@@ -181,6 +216,7 @@ def load_gguf_blocks(model: nn.Module, path) -> nn.Module:
             new.kernel = kernel4
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         setattr(parent, name.rpartition(".")[2], new.to(child.weight.device))
+    _share_tied_table(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model

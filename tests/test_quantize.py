@@ -76,6 +76,36 @@ def test_smollm2_quantized_keeps_its_answers():
         assert (model4(text).argmax(-1) == want).float().mean() >= 0.7
 
 
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the distinct storages behind a model's parameters and buffers (shared ones once)."""
+    seen = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_tied_model_holds_its_quantized_table_once(scheme):
+    model = make_tiny(128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, tie_embeddings=True)
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        want = model(x)
+    emb = model.tok_emb.weight.detach().clone()
+    float_bytes = model_bytes(model)
+    quantize(model, scheme)
+    assert type(model.tok_emb).__name__ == "QuantEmbedding" and model.tok_emb.table is model.lm_head
+    torch.testing.assert_close(model.tok_emb(x), model.lm_head.dequantized()[x])  # a lookup = the table's rows
+    step = 2 / 127 if scheme == "int8" else 1 / 15  # one quantization step of the row's / group's range
+    assert (model.tok_emb(x) - emb[x]).abs().max() <= step * emb.abs().max()
+    held = [*model.parameters(), *model.buffers()]
+    assert not any(t.shape == emb.shape and t.is_floating_point() for t in held)  # no float table left
+    assert model_bytes(model) < 0.4 * float_bytes  # (the tiny model's norms and RoPE tables stay float)
+    with torch.no_grad():
+        got = model(x)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.7
+    assert model.dtype == torch.float32 and model.device.type == "cpu"
+
+
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
 def test_gguf_blocks_are_read_as_they_are(kind):
     """Each block's values and fp16 scale (and minimum) decoded without arithmetic: recombined they are
@@ -116,6 +146,9 @@ def test_smollm2_runs_on_its_own_q4_1_and_q8_0_blocks():
     load_gguf_blocks(model, SMOLLM2)
     kinds = [type(m).__name__ for m in model.modules() if isinstance(m, (Int4Linear, Int8Linear))]
     assert kinds.count("Int4Linear") == 4 * 30 and kinds.count("Int8Linear") == 1  # the layers' Q4_1; the head's Q8_0
+    assert model.tok_emb.table is model.lm_head  # the tied embedding reads the head's Q8_0 table: held once
+    held = model_bytes(model)
+    assert held <= 1.3 * SMOLLM2.stat().st_size, (held, SMOLLM2.stat().st_size)
     with torch.no_grad():
         got = model(text)
     torch.testing.assert_close(got, want, atol=1e-3, rtol=0)  # the same values, summed in another order

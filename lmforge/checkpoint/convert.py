@@ -22,7 +22,7 @@ def gguf_outtype(dst: str | os.PathLike, dtype: str | None = None, outtype: str 
     if outtype is not None and not to_gguf:
         raise ValueError(f"--outtype {outtype} is for a .gguf destination; {dst} is a folder (use --dtype)")
     if to_gguf and dtype is not None:
-        raise ValueError("--dtype is for a folder destination; a .gguf one takes --outtype (f32, f16, bf16, q8_0)")
+        raise ValueError("--dtype is for a folder destination; a .gguf one takes --outtype (f32, f16, bf16, q8_0, q4_0, q4_1)")
     folder = Path(dst)
     if folder.is_file() and not to_gguf:
         raise ValueError(f"{folder}: exists and is a file; the destination is a new or a model folder")

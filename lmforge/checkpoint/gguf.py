@@ -480,7 +480,12 @@ def _post_processor(config: dict[str, Any], tokenizer: Tokenizer) -> processors.
 OUTTYPES = {"f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
             "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
             "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
-            "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0)}
+            "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+            "q4_0": (GGMLQuantizationType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
+            "q4_1": (GGMLQuantizationType.Q4_1, LlamaFileType.MOSTLY_Q4_1)}
+# in a 4-bit file the token embedding and the LM head stay 8-bit (Q8_0): the logits are the most sensitive
+# product (llama.cpp's llama-quantize keeps the output tensor at a higher type too)
+_HEAD_TYPE = GGMLQuantizationType.Q8_0
 _NORMAL, _UNKNOWN, _UNUSED, _BYTE = 1, 2, 5, 6
 _GGUF_FROM_LLAMA = {hf: g for g, hf in (_LLAMA_FROM_GGUF | _QKV_BIAS_FROM_GGUF).items()}
 # one `tokenizer.ggml.pre` per distinct way of splitting text in _PRE_TOKENIZERS, tried in this order
@@ -499,8 +504,8 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
     BPE, or SentencePiece-style BPE) as one GGUF file that llama.cpp runs, as llama.cpp's own converter lays it
     out: llama.* / qwen2.* metadata, the vocabulary with merges or scores, token types, special ids and chat
     template, llama's Q/K rows in llama.cpp's interleaved order, norms and biases in F32 and the matrices in
-    `outtype` (f32, f16, bf16, q8_0; a matrix whose rows do not split into q8_0 blocks stays f16). Atomic: the
-    file appears complete or not at all."""
+    `outtype` (f32, f16, bf16, q8_0, q4_0, q4_1; a matrix whose rows do not split into 32-value blocks stays f16, and
+    the embedding and LM head of a 4-bit file are q8_0). Atomic: the file appears complete or not at all."""
     from lmforge.checkpoint.hf import to_hf
     from lmforge.config import hf_model_type
 
@@ -563,7 +568,9 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
         if tokenizer.chat_template:
             w.add_chat_template(tokenizer.chat_template)
         # tensor entries first, then each tensor converted and written in turn: one fp32 copy at a time in memory
-        plan = [(hf_name, _gguf_name(hf_name), _gguf_kind(t.shape, qtype)) for hf_name, t in state.items()]
+        plan = [(hf_name, g, _gguf_kind(t.shape, _HEAD_TYPE if g in ("token_embd.weight", "output.weight") and
+                                        outtype.startswith("q4") else qtype))
+                for hf_name, t in state.items() for g in [_gguf_name(hf_name)]]
         for hf_name, g, kind in plan:
             shape = tuple(state[hf_name].shape)
             if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):

@@ -81,15 +81,19 @@ def test_transformers_reads_the_file_alike(pair, tmp_path: Path) -> None:
 
 # relative error of the logits: each weight rounds by ~0.05% (f16), ~0.2% (bf16), ~0.5% (q8_0: 32-value blocks
 # sharing one scale); the tiny model's large weights (std 0.2) amplify that about 7x through its layers
-@pytest.mark.parametrize("outtype, matrix, rel", [("f16", "F16", 5e-3), ("bf16", "BF16", 3e-2), ("q8_0", "Q8_0", 8e-2)])
+# 4 bits: ~6% a weight (16 levels over a block's range)
+@pytest.mark.parametrize("outtype, matrix, rel", [("f16", "F16", 5e-3), ("bf16", "BF16", 3e-2), ("q8_0", "Q8_0", 8e-2),
+                                                  ("q4_0", "Q4_0", 0.5), ("q4_1", "Q4_1", 0.45)])
 def test_outtypes(pair, tmp_path: Path, outtype: str, matrix: str, rel: float) -> None:
     model, tok = pair
     path = write_gguf(model, tok, tmp_path / "tiny.gguf", outtype)
     types = {t.name: t.tensor_type.name for t in GGUFReader(path).tensors}
     assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"  # norms stay F32
-    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == types["output.weight"] == matrix
-    # rows of 80 (ffn_down) hold no whole number of 32-value q8_0 blocks: f16 there, as llama.cpp's converter does
-    assert types["blk.0.ffn_down.weight"] == ("F16" if outtype == "q8_0" else matrix)
+    assert types["blk.0.attn_q.weight"] == matrix
+    head = "Q8_0" if outtype.startswith("q4") else matrix  # a 4-bit file's embedding and head: 8 bits
+    assert types["token_embd.weight"] == types["output.weight"] == head
+    # rows of 80 (ffn_down) hold no whole number of 32-value blocks: f16 there, as llama.cpp's converter does
+    assert types["blk.0.ffn_down.weight"] == ("F16" if outtype.startswith("q") else matrix)
     back, _ = lmforge.load(path, device="cpu")
     with torch.no_grad():
         expected, got = model(_ids(model)), back(_ids(model))
@@ -140,7 +144,7 @@ def test_refusals_name_the_problem(pair, tmp_path: Path) -> None:
     gpt2 = lmforge.Transformer(lmforge.ModelConfig.from_preset("tiny-gpt2", vocab_size=tok.vocab_size))
     with pytest.raises(ValueError, match="llama- and qwen2-architecture.*this model is 'gpt2'"):
         write_gguf(gpt2, tok, tmp_path / "x.gguf")
-    with pytest.raises(ValueError, match="outtype 'q4_k' is not one of f32, f16, bf16, q8_0"):
+    with pytest.raises(ValueError, match="outtype 'q4_k' is not one of f32, f16, bf16, q8_0, q4_0, q4_1"):
         write_gguf(model, tok, tmp_path / "x.gguf", "q4_k")
     with pytest.raises(ValueError, match="holds the tokenizer too"):
         write_gguf(model, None, tmp_path / "x.gguf")
