@@ -4,8 +4,9 @@ replaces every `nn.Linear` by an `Int8Linear` (one int8 per weight, one scale pe
 group of `group_size` inputs, in GGUF's Q4_1 layout), and `load_gguf_blocks(model, path)` keeps a GGUF
 file's own Q8_0 / Q4_0 / Q4_1 blocks. Activations stay in the model's dtype. On CPU, one to eight rows
 (decoding) go through lmforge's own kernels (`kernels/int8_gemv.cpp`, `kernels/int4_gemv.cpp`, loaded by
-these functions); int8 prompts through torch's `_weight_int8pack_mm`; the rest through the weight unpacked
-for the product (correct, not fast).
+these functions), which read the activations as int16 blocks of 32 (1 part in 65534 of a block's largest value:
+`kernels/qx.h`) for integer products; int8 prompts through torch's `_weight_int8pack_mm`; the rest through
+the weight unpacked for the product (correct, not fast).
 
 Norms (and an untied model's embedding) stay as they are. A tied model's LM head is quantized, and its
 embedding then reads the same quantized table (`QuantEmbedding`): the weights are held once, at their
@@ -20,6 +21,7 @@ from torch import nn
 from lmforge.kernels import build
 
 SCHEMES = ("int8", "int4")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT4_GROUPS = (32, 64, 128, 256)
 
 
@@ -55,9 +57,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and (
-                self.kernel and 0 < rows <= 8 or self.scale.shape[1] == 1):
-            if self.kernel and 0 < rows <= 8:  # decoding: lmforge's kernel streams the int8 rows once
+        gemv = self.kernel and 0 < rows <= 8 and (self.in_features // self.scale.shape[1]) % 32 == 0
+        if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and (gemv or self.scale.shape[1] == 1):
+            if gemv:  # decoding: lmforge's kernel streams the int8 rows once (x read in int16 blocks of 32)
                 y = torch.ops.lmforge.int8_gemv(self.q, self.scale, x.reshape(rows, -1))  # (rows, out)
             else:  # one scale per row: torch's kernel
                 y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), self.q, self.scale[:, 0].to(x.dtype))
@@ -125,9 +127,6 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 in blocks of 32"
-
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class QuantEmbedding(nn.Module):

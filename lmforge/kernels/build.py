@@ -7,6 +7,7 @@ use before it swaps modules, and `prebuild` compiles several kernels at once."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -23,6 +24,24 @@ _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 # ATen's Vectorized<float> as 8-wide AVX2 (the code any AVX2 or AVX-512 CPU runs)
 _VEC_AVX2 = ("-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2")
 _EXTRA_CFLAGS = {"fused": _VEC_AVX2, "blas_mm": _VEC_AVX2}
+# the quantized GEMVs' integer dot products: AVX512-VNNI's multiply-and-add where the CPU has it (qx.h), else AVX2's
+_VNNI = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
+def _extra_cflags(name: str) -> tuple[str, ...]:
+    if name in ("int8_gemv", "int4_gemv") and {"avx512_vnni", "avx512vl", "avx512bw"} <= cpu_flags():
+        return _VNNI
+    return _EXTRA_CFLAGS.get(name, ())
 
 
 def _not_cuda_home_notice(record: logging.LogRecord) -> bool:
@@ -52,8 +71,10 @@ def _library(name: str, ldflags: tuple[str, ...] = (), versions: str = "") -> tu
     from torch.utils.cpp_extension import _get_build_directory
 
     source = Path(__file__).with_name(f"{name}.cpp")
-    cflags = [*_CFLAGS, *_EXTRA_CFLAGS.get(name, ())]
-    key = hashlib.sha256(source.read_bytes() + " ".join([*cflags, *ldflags, torch.__version__, versions]).encode())
+    cflags = [*_CFLAGS, *_extra_cflags(name)]
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # what the sources include
+    key = hashlib.sha256(source.read_bytes() + headers + " ".join([*cflags, *ldflags, torch.__version__,
+                                                                   versions]).encode())
     ext = f"lmforge_{name}_{key.hexdigest()[:12]}"
     return ext, cflags, Path(_get_build_directory(ext, verbose=False)) / f"{ext}.so"
 

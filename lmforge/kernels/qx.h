@@ -1,0 +1,94 @@
+// Shared by the quantized GEMVs (int8_gemv.cpp, int4_gemv.cpp): activations as int16 in blocks of 32, and the
+// integer dot product of a block of 32 weights (widened to int16) with them.
+//
+// Why: a decode step multiplies every weight once. Converting each weight to fp32 and multiplying in fp32 costs
+// more instructions than the weight costs to read. In integers, 16 products and their pairwise sums are one
+// instruction (AVX2's vpmaddwd; AVX512-VNNI's vpdpwssd also adds them in), and a block's sum is scaled once.
+// llama.cpp does the same with int8 activations (one instruction per 32 products), which moves SmolLM2-135M's
+// Q4_1 answer to "What is the capital of France?" from "Paris" to "L'Étoile..."; int16 keeps x to 1 part in
+// 65534 of its block's largest value, as close as fp32 for any use here, for one instruction more a block.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace lmforge_qx {
+
+// M rows of K activations (K a multiple of 32) as int16 blocks: q (M, K), d and the block's sum of d * q
+// (M, K / 32), x' = d * q with d = max |x| / 32767. The sum is of x', so that a product is exactly w . x'.
+struct Rows {
+  std::vector<int16_t> q;
+  std::vector<float> d, sum;
+};
+
+inline Rows quantize(const float* x, int64_t M, int64_t K) {
+  const int64_t B = K / 32;
+  Rows r{std::vector<int16_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * B)};
+  for (int64_t i = 0; i < M * B; ++i) {
+    const float* v = x + 32 * i;
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(v[j]));
+    const float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
+    int sum = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int q = static_cast<int>(std::nearbyint(v[j] * inv));
+      r.q[32 * i + j] = static_cast<int16_t>(q), sum += q;
+    }
+    r.d[i] = d, r.sum[i] = d * static_cast<float>(sum);
+  }
+  return r;
+}
+
+// x (M, K) of float32 / bfloat16 / float16 as fp32
+inline std::vector<float> to_float(const at::Tensor& x) {
+  const at::Tensor xc = x.contiguous();
+  std::vector<float> out(xc.numel());
+  auto copy = [&](auto* p) { for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(p[i]); };
+  if (xc.scalar_type() == at::kFloat) copy(xc.const_data_ptr<float>());
+  else if (xc.scalar_type() == at::kBFloat16) copy(xc.const_data_ptr<c10::BFloat16>());
+  else copy(xc.const_data_ptr<c10::Half>());
+  return out;
+}
+
+// the 32 products w . x of a block, as 8 int32 partial sums: w0, x0 its first 16 values, w1, x1 the rest (int16;
+// |w| <= 128 and |x| <= 32767: 32 products stay far inside int32)
+inline __m256i dot32(__m256i w0, __m256i w1, const int16_t* x) {
+  const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16));
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpwssd_epi32(_mm256_madd_epi16(w0, x0), w1, x1);
+#else
+  return _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+#endif
+}
+
+// f(std::integral_constant<int, M>()) for 1 <= M <= 8: the row loops are compiled for each number of rows
+template <typename F>
+void with_rows(int64_t M, const char* name, F&& f) {
+  switch (M) {
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    case 5: return f(std::integral_constant<int, 5>());
+    case 6: return f(std::integral_constant<int, 6>());
+    case 7: return f(std::integral_constant<int, 7>());
+    case 8: return f(std::integral_constant<int, 8>());
+    default: TORCH_CHECK(false, name, ": 1 to 8 rows, got ", M);
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace lmforge_qx
