@@ -8,13 +8,24 @@ embedding once as the LM head); "% of limit" is how close a run gets to it.
 
     python benchmarks/decode.py --threads 1             # CPU, fp32 and bf16 (1 thread: steady on a shared box)
     python benchmarks/decode.py --device cuda --dtype bf16  # + torch.compile'd decode (CUDA graphs)
+
+Against llama.cpp (`--llama-cpp DIR`: a folder with llama-bench and llama-perplexity, e.g. from
+../shared/bench/build_llama_cpp.sh; a benchmark anchor, never a test dependency): `--gguf-types q4_1 q8_0 bf16 f32`
+runs lmforge and llama.cpp on the same GGUF files - the shipped Q4_1 file, and the others written from it by
+lmforge's `write_gguf` - lmforge on the file's own blocks (`--quantize gguf`) or, for float files, its weights as
+stored. Rounds alternate lmforge and one llama-bench repetition (-p 0 -n NEW, same threads). `--perplexity TEXT`
+adds each tool's perplexity of TEXT per file, and its change from the f32 file (each tool's own window convention:
+the absolute values differ, the deltas compare).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
+import re
 import statistics
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -127,6 +138,94 @@ def bench(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: int,
                 bytes=weight_bytes(model))
 
 
+def write_types(path: Path, types: list[str], out: Path) -> dict[str, Path]:
+    """The GGUF file of each type: the shipped one for its own type, the others written by lmforge from it."""
+    from lmforge.checkpoint.gguf import write_gguf
+
+    own = path.stem.rsplit(".", 1)[-1].lower()
+    files = {own: path} if own in types else {}
+    missing = [t for t in types if t not in files]
+    if missing:
+        model, tok = lmforge.load(path, device="cpu")
+        for t in missing:
+            files[t] = write_gguf(model, tok, out / f"{path.stem.rsplit('.', 1)[0]}.{t}.gguf", t)
+    return files
+
+
+def llama_bench(tool: Path, file: Path, threads: int, new: int) -> float:
+    """llama.cpp's tokens/s generating `new` tokens (one repetition)."""
+    out = subprocess.run([str(tool / "llama-bench"), "-m", str(file), "-t", str(threads), "-p", "0", "-n", str(new),
+                          "-r", "1", "-o", "json"], capture_output=True, text=True, check=True).stdout
+    return float(json.loads(out)[0]["avg_ts"])
+
+
+def llama_perplexity(tool: Path, file: Path, text: Path, threads: int, ctx: int) -> float:
+    out = subprocess.run([str(tool / "llama-perplexity"), "-m", str(file), "-f", str(text), "-t", str(threads),
+                          "-c", str(ctx)], capture_output=True, text=True, check=True)
+    return float(re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr).group(1))
+
+
+def bench_file(kind: str, file: Path, tool: Path | None, threads: int, prompt_len: int, new: int, rounds: int,
+               compile: bool, text: Path | None, ctx: int) -> dict:
+    """lmforge on one GGUF file (its own blocks for Q8_0/Q4_*; float files as stored) against llama.cpp."""
+    from lmforge.evaluate import perplexity
+    from lmforge.quantize import load_gguf_blocks
+
+    model, tok = lmforge.load(file, device="cpu", dtype=None)
+    if kind.startswith("q"):
+        load_gguf_blocks(model, file)
+    ids = (tok.encode(TEXT) * 8)[:prompt_len]
+
+    def ours() -> list[int]:
+        return generate(model, ids, new, compile=compile)[0]
+
+    if compile:
+        model.setup_cache(1, prompt_len + new)
+    ours()  # warm up (and compile)
+    t_ours, t_theirs = [], []
+    for _ in range(rounds):
+        t_ours.append(timed(ours, torch.device("cpu"))[0])
+        if tool is not None:
+            t_theirs.append(new / llama_bench(tool, file, threads, new))
+    model.clear_cache()
+    r = dict(ours=new / statistics.median(t_ours), bytes=weight_bytes(model), file=file.stat().st_size,
+             theirs=new / statistics.median(t_theirs) if t_theirs else None)
+    if text is not None:
+        r["ppl"] = perplexity(model, tok, [text.read_text()], seq_len=ctx, progress=False)["ppl"]
+        r["ppl_theirs"] = llama_perplexity(tool, file, text, threads, ctx) if tool is not None else None
+    return r
+
+
+def main_gguf(args: argparse.Namespace) -> None:
+    path = gguf_path(args.gguf)
+    tool = Path(args.llama_cpp).expanduser() if args.llama_cpp else None
+    threads = torch.get_num_threads()
+    text = Path(args.perplexity) if args.perplexity else None
+    bw = copy_bandwidth(torch.device("cpu"))
+    print(f"torch {torch.__version__}; CPU, {threads} threads, copy bandwidth {bw / 1e9:.1f} GB/s; prompt "
+          f"{args.prompt_tokens}, new tokens {args.new_tokens}, {args.rounds} alternating rounds, compile={args.compile}; "
+          f"llama.cpp: {tool or 'not given'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_types(path, args.gguf_types, Path(tmp))
+        rows = {t: bench_file(t, files[t], tool, threads, args.prompt_tokens, args.new_tokens, args.rounds,
+                              args.compile, text, args.ctx) for t in args.gguf_types}
+    print(f"{'GGUF':6} {'file MB':>8} {'lmforge tok/s':>14} {'llama.cpp':>10} {'ratio':>6} {'limit tok/s':>12} "
+          f"{'lmforge %':>10} {'llama %':>8}" + (f" {'ppl lmforge (d f32)':>20} {'ppl llama.cpp (d f32)':>22}"
+                                                   if text else ""))
+    base = rows.get("f32")
+    for t, r in rows.items():
+        limit = bw / r["bytes"]
+        theirs = r["theirs"]
+        line = (f"{t:6} {r['file'] / 1e6:8.1f} {r['ours']:14.1f} {theirs or float('nan'):10.1f} "
+                f"{r['ours'] / theirs if theirs else float('nan'):5.2f}x {limit:12.1f} {100 * r['ours'] / limit:9.0f}% "
+                f"{100 * (theirs or float('nan')) / limit:7.0f}%")
+        if text:
+            d_ours = f"({r['ppl'] - base['ppl']:+.3f})" if base else ""
+            d_theirs = f"({r['ppl_theirs'] - base['ppl_theirs']:+.3f})" if base and r["ppl_theirs"] else ""
+            line += f" {r['ppl']:11.3f} {d_ours:>8} {r['ppl_theirs'] or float('nan'):13.3f} {d_theirs:>8}"
+        print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -141,10 +240,17 @@ def main() -> None:
     ap.add_argument("--gguf", default=None, help=f"path to {GGUF}")
     ap.add_argument("--quantize", action="append", choices=["int8", "int4"],
                     help="also lmforge with int8 / int4 weights (repeatable; rows 'fp32+int8' ...)")
+    ap.add_argument("--gguf-types", nargs="+", choices=["q4_1", "q4_0", "q8_0", "bf16", "f16", "f32"],
+                    help="instead: lmforge and llama.cpp on GGUF files of these types (see above)")
+    ap.add_argument("--llama-cpp", default=None, help="folder with llama-bench / llama-perplexity")
+    ap.add_argument("--perplexity", default=None, help="a text file: each tool's perplexity on it per GGUF file")
+    ap.add_argument("--ctx", type=int, default=256, help="perplexity window (tokens)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.gguf_types:
+        return main_gguf(args)
     compile = args.compile or device.type == "cuda"
     dtypes = args.dtype or (["bf16"] if device.type == "cuda" else ["fp32", "bf16"])
     path = gguf_path(args.gguf)

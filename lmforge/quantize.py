@@ -2,8 +2,8 @@
 replaces every `nn.Linear` by an `Int8Linear` (one int8 per weight, one scale per output row), and
 `quantize(model, "int4", group_size=32)` by an `Int4Linear` (4 bits per weight, a scale and a minimum per
 group of `group_size` inputs, in GGUF's Q4_1 layout), and `load_gguf_blocks(model, path)` keeps a GGUF
-file's own Q8_0 / Q4_0 / Q4_1 blocks. Activations stay in the model's dtype. On CPU, one to eight rows
-(decoding) go through lmforge's own kernels (`kernels/int8_gemv.cpp`, `kernels/int4_gemv.cpp`, loaded by
+file's own Q8_0 / Q4_0 / Q4_1 blocks. Activations stay in the model's dtype. On CPU, up to 64 rows
+(decoding, short prompts; 8 a call) go through lmforge's own kernels (`kernels/int8_gemv.cpp`, `kernels/int4_gemv.cpp`, loaded by
 these functions), which read the activations as int16 blocks of 32 (1 part in 65534 of a block's largest value:
 `kernels/qx.h`) for integer products; int8 prompts through torch's `_weight_int8pack_mm`; the rest through
 the weight unpacked for the product (correct, not fast).
@@ -22,6 +22,18 @@ from lmforge.kernels import build
 
 SCHEMES = ("int8", "int4")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+KERNEL_ROWS = 8  # rows per call of lmforge's GEMV kernels (their row loops are compiled for 1 to 8)
+# up to this many rows (a short prompt, a batch of decoding requests) go through the kernels 8 at a time: each call
+# streams the packed weights once, which costs less than unpacking the whole matrix to floats for one product
+CHUNKED_ROWS = 64
+
+
+def _gemv(op, x: torch.Tensor, layer: nn.Module, *weights: torch.Tensor) -> torch.Tensor:
+    """layer(x) through the kernel `op(*weights, rows)`, KERNEL_ROWS rows a call."""
+    x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
+    parts = [op(*weights, x2[i:i + KERNEL_ROWS]) for i in range(0, x2.shape[0], KERNEL_ROWS)]
+    y = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(*x.shape[:-1], layer.out_features)  # (..., out)
+    return y if layer.bias is None else y + layer.bias.to(y.dtype)
 INT4_GROUPS = (32, 64, 128, 256)
 
 
@@ -57,12 +69,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        gemv = self.kernel and 0 < rows <= 8 and (self.in_features // self.scale.shape[1]) % 32 == 0
-        if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and (gemv or self.scale.shape[1] == 1):
-            if gemv:  # decoding: lmforge's kernel streams the int8 rows once (x read in int16 blocks of 32)
-                y = torch.ops.lmforge.int8_gemv(self.q, self.scale, x.reshape(rows, -1))  # (rows, out)
-            else:  # one scale per row: torch's kernel
-                y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), self.q, self.scale[:, 0].to(x.dtype))
+        cpu = x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+        if cpu and self.kernel and 0 < rows <= CHUNKED_ROWS and (self.in_features // self.scale.shape[1]) % 32 == 0:
+            return _gemv(torch.ops.lmforge.int8_gemv, x, self, self.q, self.scale)  # x read in int16 blocks of 32
+        if cpu and self.scale.shape[1] == 1:  # one scale per row: torch's kernel
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), self.q, self.scale[:, 0].to(x.dtype))
             y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -119,10 +130,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        if self.kernel and 0 < rows <= 8 and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
-            y = torch.ops.lmforge.int4_gemv(self.packed, self.scale, self.minimum, x.reshape(rows, -1))  # (rows, out)
-            y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
+        if self.kernel and 0 < rows <= CHUNKED_ROWS and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
+            return _gemv(torch.ops.lmforge.int4_gemv, x, self, self.packed, self.scale, self.minimum)
         return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -611,18 +611,24 @@ def test_the_quantized_gemvs_use_vnni_only_where_the_cpu_has_it(monkeypatch):
     assert "-mavx512vnni" not in build._extra_cflags("fused")
 
 
-def test_int8_linear_decodes_through_it_and_prompts_through_torchs(int8_built, monkeypatch):
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_linears_take_up_to_64_rows_through_the_kernel_8_at_a_time(int8_built, int4_built, scheme,
+                                                                             monkeypatch):
     from lmforge.quantize import quantize
 
     model = torch.nn.Sequential(torch.nn.Linear(64, 48))
-    quantize(model, "int8")
-    calls = spy(monkeypatch, "int8_gemv")
+    quantize(model, scheme)
+    calls = spy(monkeypatch, f"{scheme}_gemv")
     lin = model[0]
-    for rows in (1, 8, 9):
+    for rows in (1, 8, 9, 64, 65):
         x = torch.randn(rows, 64)
-        read = x_quantized(x).float() if rows <= 8 else x  # the kernel reads x in int16 blocks; torch's in fp32
-        torch.testing.assert_close(lin(x), F.linear(read, lin.dequantized(), lin.bias), atol=1e-4, rtol=1e-4)
-    assert calls == ["int8_gemv", "int8_gemv"]  # 9 rows: torch's _weight_int8pack_mm
+        read = x_quantized(x).float() if rows <= 64 else x  # the kernel reads x in int16 blocks; torch's in fp32
+        y = lin(x)
+        torch.testing.assert_close(y, F.linear(read, lin.dequantized(), lin.bias), atol=1e-4, rtol=1e-4)
+        if rows <= 64:  # and a row's result is the same whichever chunk it falls in
+            assert torch.equal(y[-1:], lin(x[-1:]))
+    # 1, 8, 9 (8 + 1) and 64 (8 x 8) rows, and then their last row alone; 65: torch's kernel / the unpacked weight
+    assert len(calls) == (1 + 1) + (1 + 1) + (2 + 1) + (8 + 1)
 
 
 @pytest.fixture(scope="module")
