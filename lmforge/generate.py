@@ -55,12 +55,15 @@ class GenerationConfig:
 
 
 def prefill(model: Transformer, ids: torch.Tensor, offsets: torch.Tensor | None = None,
-            cache_rows: slice | None = None) -> torch.Tensor:
+            cache_rows: slice | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Runs the prompt (B, P) through the model once, filling the KV cache; returns the last logits (B, vocab).
 
     offsets: (B, 1) left-pad counts. Pad keys are masked out and positions start at 0 at each row's first real
     token; a pad query sees only itself, so no attention row is empty (which would give NaN). cache_rows: the
-    cache rows to fill (default the first B; a server fills a free row while the others keep theirs)."""
+    cache rows to fill (default the first B; a server fills a free row while the others keep theirs).
+    lengths: (B,) the real lengths of right-padded rows (a server's prompts prefilled together): each row's
+    logits are those at its last real token; the pads after it never touch its real tokens (causal) and fill
+    cache slots that its own next tokens overwrite."""
     B, P = ids.shape
     positions = torch.arange(P, device=ids.device)  # (P,) cache slots
     mask = position_ids = None
@@ -70,7 +73,10 @@ def prefill(model: Transformer, ids: torch.Tensor, offsets: torch.Tensor | None 
         mask = ((causal & real[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device))[:, None]
         position_ids = (positions - offsets).clamp(min=0)  # (B, P)
     last = torch.zeros(B, P, dtype=torch.bool, device=ids.device)
-    last[:, -1] = True  # the LM head only at the last position: not (B, P, vocab) logits for a long prompt
+    if lengths is None:
+        last[:, -1] = True  # the LM head only at the last position: not (B, P, vocab) logits for a long prompt
+    else:
+        last[torch.arange(B, device=ids.device), lengths.to(ids.device) - 1] = True
     if cache_rows is not None:  # a plain model call otherwise: stand-ins (tests) need not take the argument
         return model(ids, positions=positions, mask=mask, position_ids=position_ids, logits_at=last,
                      cache_rows=cache_rows).float()  # (B, vocab)

@@ -204,6 +204,36 @@ def test_ignore_eos_goes_on_to_max_tokens(tiny):
     assert (full.tokens, full.reason) == (free, "length")
 
 
+def test_requests_that_arrive_together_are_prefilled_together(tiny):
+    """Prompts of different lengths admitted at one turn take consecutive rows and one right-padded prefill;
+    each still gets the tokens it gets alone."""
+    model, tok = tiny
+    forward, prefills = model.forward, []
+
+    def counted(ids, *args, **kwargs):
+        if ids.shape[1] > 1:
+            prefills.append(tuple(ids.shape))
+        return forward(ids, *args, **kwargs)
+
+    prompts = [tok.encode(t) for t in ("The cat sat on", "A dog", "Numbers: 12345 and", "park")]
+    model.forward = counted
+    batcher = Batcher(model, tok, slots=4, context=64)
+    try:
+        outs = [Collect() for _ in prompts]
+        for o, p in zip(outs, prompts):
+            o.request = Request(p, GenerationConfig(max_new_tokens=12), o)
+        batcher.submit_all([o.request for o in outs])  # queued before the loop starts: one turn admits all
+        batcher.start()
+        assert all(o.done.wait(60) for o in outs)
+    finally:
+        batcher.stop()
+        del model.forward
+        model.clear_cache()
+    assert prefills == [(4, max(map(len, prompts)))]
+    for o, p in zip(outs, prompts):
+        assert o.tokens == generate(model, p, 12, tokenizer=tok)[0]
+
+
 def test_a_failing_prefill_or_step_ends_those_requests_with_an_error_and_the_loop_goes_on(tiny):
     model, tok = tiny
     forward = model.forward

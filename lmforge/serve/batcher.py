@@ -196,28 +196,46 @@ class Batcher:
                             request.emit(Event("", finish_reason="cancelled"))
                         else:
                             admit.append((free.pop(0), request))
-                for b, request in admit:
-                    self._guarded(self._admit, b, request)
+                for group in _runs(admit):  # requests taking consecutive rows are prefilled together
+                    self._guarded(self._admit, group)
                 if any(self.active):
                     self._guarded(self._step)
             self._end_all()
 
-    def _guarded(self, fn: Callable[..., None], *args: Any) -> None:
-        """Runs a prefill (`_admit(b, request)`) or a step (every row); a failure ends the requests it touched with
-        an error, never the loop."""
+    def _guarded(self, fn: Callable[..., None], group: list[tuple[int, Request]] | None = None) -> None:
+        """Runs a prefill (`_admit(group)`: [(row, request)]) or a step (every row, group None); a failure ends
+        the requests it touched with an error, never the loop."""
         try:
-            fn(*args)
+            fn(*([] if group is None else [group]))
         except Exception as e:  # e.g. out of memory: those requests end with a clean error, the server goes on
             log.exception("generation failed")
             error = f"generation failed: {type(e).__name__}"
-            if args and (self.active[args[0]] is None or self.active[args[0]].request is not args[1]):
-                args[1].emit(Event("", finish_reason="error", error=error))  # failed before it took its row
+            rows = None if group is None else {b for b, _ in group}
+            for b, request in group or []:
+                if self.active[b] is None or self.active[b].request is not request:
+                    request.emit(Event("", finish_reason="error", error=error))  # failed before it took its row
             for b, slot in enumerate(self.active):
-                if slot is not None and (not args or b == args[0]):
+                if slot is not None and (rows is None or b in rows):
                     self._finish(b, "error", error)
 
-    def _admit(self, b: int, request: Request) -> None:
-        """Prefills `request`'s prompt into cache row b and picks its first token."""
+    def _admit(self, group: list[tuple[int, Request]]) -> None:
+        """Prefills the prompts of `group` ([(row, request)], consecutive rows) in one forward, right-padded,
+        into their cache rows, and picks each one's first token."""
+        taken = [(b, request) for b, request in group if self._take(b, request)]
+        for run in _runs(taken):  # (one that ended at once left a gap)
+            lengths = [len(request.prompt) for _, request in run]
+            ids = torch.tensor([list(r.prompt) + [self.pad] * (max(lengths) - n) for (_, r), n in zip(run, lengths)],
+                               device=self.model.device)  # (k, longest)
+            first = run[0][0]
+            logits = prefill(self.model, ids, cache_rows=slice(first, first + len(run)),
+                             lengths=torch.tensor(lengths) if len(run) > 1 else None)  # (k, vocab)
+            for i, (b, request) in enumerate(run):
+                self.stats.first_token_seconds.append(time.perf_counter() - request.submitted)
+                self._advance(b, logits[i:i + 1])
+
+    def _take(self, b: int, request: Request) -> bool:
+        """Gives `request` row b (its sampling state, limits and stops); False when it has no room to generate
+        (it ends at once with finish_reason "length")."""
         cfg, P = request.config, len(request.prompt)
         device = self.model.device
         generator = None
@@ -237,10 +255,8 @@ class Batcher:
         self.stats.prompt_tokens += P
         if slot.n_new <= 0:
             self._finish(b, "length")
-            return
-        logits = prefill(self.model, torch.tensor([list(request.prompt)], device=device), cache_rows=slice(b, b + 1))
-        self.stats.first_token_seconds.append(time.perf_counter() - request.submitted)
-        self._advance(b, logits)  # (1, vocab)
+            return False
+        return True
 
     def _step(self) -> None:
         """One decode step over rows 0..n-1 (n: one past the last active row); free rows run a pad token at
@@ -310,3 +326,14 @@ class Batcher:
         for b, slot in enumerate(self.active):
             if slot is not None:
                 self._finish(b, "cancelled")
+
+
+def _runs(admitted: list[tuple[int, Request]]) -> list[list[tuple[int, Request]]]:
+    """[(row, request)] (rows ascending) cut into runs of consecutive rows."""
+    runs: list[list[tuple[int, Request]]] = []
+    for b, request in admitted:
+        if runs and runs[-1][-1][0] == b - 1:
+            runs[-1].append((b, request))
+        else:
+            runs.append([(b, request)])
+    return runs
