@@ -61,6 +61,8 @@ class AlignConfig:
         method: dpo, ipo (reference-based), simpo or orpo (reference-free).
         beta: DPO/IPO/SimPO temperature (ORPO: see orpo_lambda).
         label_smoothing: conservative DPO / SimPO: the share of pairs assumed mislabelled.
+        nll_weight: DPO/IPO/SimPO: add this x the chosen answer's per-token NLL (RPO, Pang et al. 2024), which
+            keeps the chosen answers likely while the rejected ones are pushed down (0 = off).
         simpo_gamma: SimPO's target reward margin.
         orpo_lambda: weight of ORPO's odds-ratio term next to the SFT loss.
         reference: auto (LoRA: adapters disabled; full: a frozen copy), copy, or precomputed (log-probs
@@ -79,6 +81,7 @@ class AlignConfig:
     method: str = "dpo"
     beta: float = 0.1
     label_smoothing: float = 0.0
+    nll_weight: float = 0.0
     simpo_gamma: float = 0.5
     orpo_lambda: float = 0.1
     reference: str = "auto"
@@ -98,6 +101,11 @@ class AlignConfig:
             raise ValueError(f"beta must be > 0 (a negative one trains towards the rejected answers), got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.nll_weight < 0:
+            raise ValueError(f"nll_weight must be >= 0, got {self.nll_weight}")
+        if self.nll_weight and self.method == "orpo":
+            raise ValueError("nll_weight is for dpo, ipo and simpo: ORPO has its own NLL term (orpo_lambda weighs "
+                             "the other)")
         check_batch(self.batch_size, self.micro_batch_size, self.eval_batches)
 
 
@@ -127,6 +135,8 @@ class PreferenceLoss:
             loss, wc, wr = simpo_loss(pc / nc, pr / nr, c.beta, c.simpo_gamma, c.label_smoothing)
         else:
             loss, wc, wr = orpo_loss(pc / nc, pr / nr, -pc / nc, c.orpo_lambda)
+        if c.nll_weight:
+            loss = loss - c.nll_weight * pc / nc
         metrics = {"reward_acc": float((wc > wr).float().sum()), "reward_margin": float((wc - wr).sum()),
                    "logp_chosen": float(pc.detach().sum()), "logp_rejected": float(pr.detach().sum()),
                    "pref_acc": float((pc / nc > pr / nr).float().sum())}
