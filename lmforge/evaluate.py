@@ -27,7 +27,8 @@ def _ready(model: Transformer) -> None:
 
 @torch.inference_mode()
 def perplexity(model: Transformer, tokenizer: Any, path_or_texts: str | os.PathLike | Sequence[str],
-               seq_len: int | None = None, batch_size: int = 1, progress: bool = True) -> dict[str, float]:
+               seq_len: int | None = None, batch_size: int = 1, progress: bool = True,
+               score_from: int = 0) -> dict[str, float]:
     """Mean next-token loss and its exp (perplexity) over a .txt / .jsonl / .parquet file or a list of texts.
 
     Convention: each document is encoded as `tokenizer.encode` does by default (bos only if the tokenizer
@@ -35,7 +36,11 @@ def perplexity(model: Transformer, tokenizer: Any, path_or_texts: str | os.PathL
     tokens (default: the model's context), the last one shorter. Inside a window every token but the first
     is predicted from the ones before it in that window (no context carries over), so a window of n tokens
     scores n - 1 — the same as `transformers`' `model(window, labels=window).loss`. `tokens` counts the scored
-    tokens; `loss` is their mean negative log-likelihood in nats."""
+    tokens; `loss` is their mean negative log-likelihood in nats.
+
+    score_from > 0: only full windows, and in each only the tokens after its first `score_from + 1` (those give
+    context): llama.cpp's `llama-perplexity -c N` is score_from = N // 2, on one text without eos (for a
+    tokenizer that adds no bos, such as SmolLM2's; llama.cpp puts bos first in every window of one that does)."""
     _ready(model)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -51,8 +56,10 @@ def perplexity(model: Transformer, tokenizer: Any, path_or_texts: str | os.PathL
     ids: list[int] = []
     for text in texts:
         ids += tokenizer.encode(text) + [tokenizer.eos_id]
+    if not 0 <= score_from <= seq_len - 2:
+        raise ValueError(f"score_from={score_from} must be in [0, seq_len - 2 = {seq_len - 2}]")
     windows = [ids[i:i + seq_len] for i in range(0, len(ids), seq_len)]
-    windows = [w for w in windows if len(w) >= 2]
+    windows = [w for w in windows if len(w) >= 2 and (not score_from or len(w) == seq_len)]
     if not windows:
         raise ValueError("perplexity needs at least 2 tokens of text")
     full = [w for w in windows if len(w) == seq_len]
@@ -61,9 +68,10 @@ def perplexity(model: Transformer, tokenizer: Any, path_or_texts: str | os.PathL
     nll, n = 0.0, 0
     for batch in progress_bar(batches, desc="perplexity", unit="batch", disable=not progress):
         x = torch.tensor(batch, device=model.device)  # (B, T)
-        logits = model(x[:, :-1])  # (B, T - 1, vocab)
-        nll += F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), reduction="sum").item()
-        n += x[:, 1:].numel()
+        logits = model(x[:, :-1])[:, score_from:]  # (B, T - 1 - score_from, vocab)
+        targets = x[:, 1 + score_from:]  # (B, T - 1 - score_from)
+        nll += F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
+        n += targets.numel()
     return {"loss": nll / n, "ppl": math.exp(nll / n), "tokens": n}
 
 
