@@ -14,8 +14,8 @@ Against llama.cpp (`--llama-cpp DIR`: a folder with llama-bench and llama-perple
 runs lmforge and llama.cpp on the same GGUF files - the shipped Q4_1 file, and the others written from it by
 lmforge's `write_gguf` - lmforge on the file's own blocks (`--quantize gguf`) or, for float files, its weights as
 stored. Rounds alternate lmforge and one llama-bench repetition (-p 0 -n NEW, same threads). `--perplexity TEXT`
-adds each tool's perplexity of TEXT per file, and its change from the f32 file (each tool's own window convention:
-the absolute values differ, the deltas compare).
+adds each tool's perplexity of TEXT per file (llama.cpp's convention for both: windows of --ctx tokens, the second
+half of each scored), and its change from the f32 file.
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def bench_file(kind: str, file: Path, tool: Path | None, threads: int, prompt_le
     r = dict(ours=new / statistics.median(t_ours), bytes=weight_bytes(model), file=file.stat().st_size,
              theirs=new / statistics.median(t_theirs) if t_theirs else None)
     if text is not None:
-        r["ppl"] = perplexity(model, tok, [text.read_text()], seq_len=ctx, progress=False)["ppl"]
+        r["ppl"] = perplexity(model, tok, [text.read_text()], seq_len=ctx, score_from=ctx // 2, progress=False)["ppl"]
         r["ppl_theirs"] = llama_perplexity(tool, file, text, threads, ctx) if tool is not None else None
     return r
 
