@@ -31,21 +31,23 @@ void gemv_rows(const uint8_t* W, const float* D, const float* Mn, const Rows& x,
   const int64_t B = K / 32;  // blocks per row
   const __m128i low = _mm_set1_epi8(0x0F);
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> ds(M * B);  // each block's d times each x row's dx
     for (int64_t r = begin; r < end; ++r) {
       const uint8_t* w = W + r * (K / 2);
-      const float* d = D + r * B;
-      const float* mn = Mn + r * B;
       __m256 even[M], odd[M];  // two chains of multiply-adds: even and odd blocks
-      float bias[M];
-      for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm256_setzero_ps(), bias[m] = 0.f;
+      float bias[M];  // the minimums' part: sum over blocks of m * sum(x')
+      for (int m = 0; m < M; ++m) {
+        even[m] = odd[m] = _mm256_setzero_ps();
+        scales(D + r * B, x.d.data() + m * B, ds.data() + m * B, B);
+        bias[m] = dot(Mn + r * B, x.sum.data() + m * B, B);
+      }
       auto block = [&](int64_t b, __m256* acc) {
-        if ((b & 3) == 0) _mm_prefetch(reinterpret_cast<const char*>(w + 16 * b + 512), _MM_HINT_T0);
+        // (no software prefetch: the stream is sequential)
         __m256i w0, w1;
         nibbles(w + 16 * b, low, w0, w1);
         for (int m = 0; m < M; ++m) {
           const __m256 s = _mm256_cvtepi32_ps(dot32(w0, w1, x.q.data() + m * K + 32 * b));
-          acc[m] = _mm256_fmadd_ps(s, _mm256_set1_ps(d[b] * x.d[m * B + b]), acc[m]);
-          bias[m] += mn[b] * x.sum[m * B + b];
+          acc[m] = _mm256_fmadd_ps(s, _mm256_broadcast_ss(ds.data() + m * B + b), acc[m]);
         }
       };
       int64_t b = 0;

@@ -84,6 +84,25 @@ void with_rows(int64_t M, const char* name, F&& f) {
   }
 }
 
+inline float hsum(__m256 v);
+
+// out[b] = a[b] * c[b] for b < n (each block's weight scale times its x scale), 8 at a time
+inline void scales(const float* a, const float* c, float* out, int64_t n) {
+  int64_t b = 0;
+  for (; b + 8 <= n; b += 8) _mm256_storeu_ps(out + b, _mm256_mul_ps(_mm256_loadu_ps(a + b), _mm256_loadu_ps(c + b)));
+  for (; b < n; ++b) out[b] = a[b] * c[b];
+}
+
+// sum of a[b] * c[b] for b < n, 8 at a time (off the blocks' dependency chain)
+inline float dot(const float* a, const float* c, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t b = 0;
+  for (; b + 8 <= n; b += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + b), _mm256_loadu_ps(c + b), acc);
+  float s = hsum(acc);
+  for (; b < n; ++b) s += a[b] * c[b];
+  return s;
+}
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
