@@ -177,6 +177,9 @@ def _rag_parser(sub: Any) -> None:
         q.add_argument("--mode", default="hybrid", choices=["bm25", "dense", "hybrid"], help="retrieval")
         q.add_argument("--sources-in", default="user", choices=["user", "system"],
                        help="where the sources go: the question's turn, or a system message")
+        q.add_argument("--sentences", type=int, default=0, metavar="N",
+                       help="give the model the N sentences of the chunks closest to the question, not whole "
+                            "chunks (small models read a short evidence window better; 0: whole chunks)")
         if name == "ask":
             q.add_argument("question", help="the question")
             _sampling_args(q)
@@ -337,15 +340,16 @@ def _rag(a: Any) -> None:
     model, tok = _load(q)
     if a.action == "ask":
         reply = answer(model, tok, index, q.question, k=q.k, mode=q.mode, placement=q.sources_in,
-                       on_piece=lambda piece: print(piece, end="", flush=True), **_sampling(q))
+                       sentences=q.sentences, on_piece=lambda piece: print(piece, end="", flush=True), **_sampling(q))
         print("\nSources:\n" + (format_sources(reply.sources) or "(none fits the context)"))
         return
     result = evaluate(model, tok, index, q.data, k=q.k, mode=q.mode, max_new_tokens=q.max_new_tokens,
-                      baseline=not q.no_baseline, placement=q.sources_in)
+                      baseline=not q.no_baseline, placement=q.sources_in, sentences=q.sentences)
     print(f"retrieval on {result['n']} questions (relevant: {result['gold']}):")
     for mode, m in result["retrieval"].items():
         print(f"  {mode:7}" + "  ".join(f"{key} {v:.3f}" for key, v in m.items()))
-    for key, what in (("without_rag", "without RAG"), ("with_rag", f"with RAG ({q.mode}, k={q.k})")):
+    rag = f"with RAG ({q.mode}, k={q.k}" + (f", {q.sentences} sentences)" if q.sentences > 0 else ")")
+    for key, what in (("without_rag", "without RAG"), ("with_rag", rag)):
         if key in result:
             print(f"answers {what}: exact {result[key]['exact_match']:.1%}, contains {result[key]['contains']:.1%}")
     if q.json:

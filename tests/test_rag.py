@@ -21,6 +21,7 @@ import pytest
 
 from lmforge.data.errors import DataError
 from lmforge.rag import Index, IndexMismatch, answer, fit_prompt, format_sources
+from lmforge.rag.answers import evidence, split_sentences
 from lmforge.rag.index import Hit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,6 +344,41 @@ def test_answers_cite_the_files_they_were_given(tmp_path, tiny_long):
     assert format_sources(reply.sources).splitlines()[0].startswith(f"[1] {reply.sources[0].source}, chunk 0")
 
 
+def test_sentences_split_prose_but_keep_table_rows_whole():
+    text = ("The K7 has 5 presets: 60, 70 and 80 °C. Press Tempo; it cycles.\n\n| code | meaning |\n|---|---|\n"
+            "| E1 | the kettle is empty. Fill it. |\n- amber while heating;\n水壶已满。请倒掉一些水！好")
+    assert split_sentences(text) == [
+        "The K7 has 5 presets:", "60, 70 and 80 °C.", "Press Tempo; it cycles.", "| code | meaning |",
+        "| E1 | the kettle is empty. Fill it. |", "- amber while heating;", "水壶已满。", "请倒掉一些水！", "好"]
+
+
+def test_evidence_gives_the_sentences_closest_to_the_question_with_their_chunk(tmp_path, tiny_long):
+    import lmforge
+
+    docs = {"errors.md": "# Errors\n\nThe ring blinks red. Error E4 means limescale build-up. The kettle beeps "
+                         "once.\n\n## E5\n\nE5: the kettle is off its base. Error E4 means limescale build-up.\n",
+            "care.md": "# Care\n\nDescale with citric acid every 4 weeks. Rinse the filter once a week.\n"}
+    with Index.build(tmp_path / "idx", [write(tmp_path / "docs", docs)], embedder=HashEmbedder()) as idx:
+        hits = idx.search("What does error E4 mean?", 3, "hybrid")
+        best = evidence(idx, "What does error E4 mean?", hits, 2)
+        assert [h.text for h in best][0] == "Error E4 means limescale build-up."
+        assert {h.heading for h in best} == {"Errors", "E5"}, "each as the sentence of its own section"
+        for h in best:  # cited as its chunk
+            chunk = next(c for c in hits if c.chunk_id == h.chunk_id)
+            assert (h.source, h.chunk, chunk.heading.split(" > ")[-1]) == (chunk.source, chunk.chunk, h.heading)
+            assert h.text in chunk.text and sources([h]) == ["errors.md"]
+        assert best[0].score >= best[1].score
+        every = evidence(idx, "What does error E4 mean?", hits, 100)
+        assert len(every) == 7 and every == evidence(idx, "What does error E4 mean?", hits + hits, 100), \
+            "every sentence once (one a chunk overlap repeats counts once), no more"
+        assert evidence(idx, "What does error E4 mean?", [], 2) == []
+        model, tok = lmforge.load(tiny_long)
+        reply = answer(model, tok, idx, "How often do I rinse the filter?", k=3, max_new_tokens=2, sentences=1)
+        assert sources(reply.sources) == ["care.md"] and reply.sources[0].text == "Rinse the filter once a week."
+        assert "once a week" in tok.decode(fit_prompt(tok, [{"role": "user", "content": "q"}], reply.sources,
+                                                       1024, 2)[0])
+
+
 @needs_minilm
 def test_the_command_line_end_to_end(tmp_path, tiny_long, minilm, capsys, monkeypatch):
     from lmforge.cli import main
@@ -358,6 +394,10 @@ def test_the_command_line_end_to_end(tmp_path, tiny_long, minilm, capsys, monkey
           "--mode", "bm25", "What does error E4 mean?"])
     out = capsys.readouterr().out
     assert "Sources:" in out and "[1] " in out and "errors.md, chunk 0" in out.split("Sources:")[1]
+    main(["rag", "ask", "--index", index, "--model", str(tiny_long), "--max-new-tokens", "3", "--sentences", "1",
+          "How do I descale with citric acid?"])
+    cited = capsys.readouterr().out.split("Sources:")[1].strip().splitlines()
+    assert len(cited) == 1 and cited[0].startswith("[1] ") and "care.md, chunk 0" in cited[0], "one sentence's chunk"
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps(r) + "\n" for r in [
         {"prompt": "What does E4 mean?", "response": "limescale build-up"},

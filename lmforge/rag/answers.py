@@ -2,11 +2,14 @@
 
 The retrieved chunks become numbered sources in the prompt (`rag_messages`: in the question's turn, or in a
 system message), rendered by the model's own chat template and fitted to its context (`fit_prompt`): the
-oldest conversation turns are dropped first, then the least relevant sources; the question never is.
+oldest conversation turns are dropped first, then the least relevant sources; the question never is. With
+`sentences=N` the sources are the N sentences (or table rows) of the retrieved chunks closest to the question
+(`evidence`) instead of whole chunks: a short evidence window that a small model reads more reliably.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -14,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from lmforge.rag.index import MODES, Hit, Index
+from lmforge.rag.index import MODES, RRF_K, Hit, Index, terms
 
 PLACEMENTS = ("user", "system")
 ASK = "Using only the text above, answer in a few words:"  # user placement: after the sources, before the question
@@ -74,6 +77,61 @@ def fit_prompt(tokenizer: Any, messages: list[dict[str, str]], hits: Sequence[Hi
                              f"model's context of {context} tokens")
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+(?=[A-Z0-9])|(?<=[。！？；])")
+_TABLE_RULE = re.compile(r"[|\-\s:]+")
+
+
+def split_sentences(text: str) -> list[str]:
+    """The units `evidence` ranks: each line of `text`, prose lines cut after a sentence end (or a semicolon or
+    colon) that a capital letter or a digit follows, or after a CJK sentence mark; a table row stays whole
+    (its cells belong together); blank lines and table rules are dropped."""
+    out = []
+    for line in text.split("\n"):
+        line = line.strip()
+        if not line or _TABLE_RULE.fullmatch(line):
+            continue
+        out += [line] if line.startswith("|") else [s.strip() for s in _SENTENCE_END.split(line) if s.strip()]
+    return out
+
+
+def evidence(index: Index, question: str, hits: Sequence[Hit], n: int = 5) -> list[Hit]:
+    """The `n` sentences (`split_sentences`) of `hits` closest to `question`, best first, each a Hit of its chunk:
+    same file and chunk number, `heading` its section's own title (the last part of the chunk's heading path),
+    `text` the sentence, `score` the fused score. Ranked by reciprocal rank fusion of two scores: the cosine
+    similarity of the question and "section title: sentence" under the index's embedding model, and the
+    idf-weighted overlap of their BM25 terms (idf among the candidates). A sentence that overlapping chunks
+    of one section repeat counts once."""
+    units: list[tuple[Hit, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for h in hits:
+        for s in split_sentences(h.text):
+            if (h.heading, s) not in seen:
+                seen.add((h.heading, s))
+                units.append((h, s))
+    if not units or n < 1:
+        return []
+    import numpy as np
+
+    titles = [h.heading.split(" > ")[-1] for h, _ in units]
+    titled = [f"{t}: {s}" if t else s for t, (_, s) in zip(titles, units)]
+    vectors = index.embedder.encode([question, *titled])  # (1 + U, dim) unit rows
+    dense = vectors[1:] @ vectors[0]  # (U,) cosine similarities
+    words = [set(terms(t)) for t in titled]
+    df: dict[str, int] = {}
+    for w in words:
+        for t in w:
+            df[t] = df.get(t, 0) + 1
+    asked = set(terms(question))
+    lexical = np.array([sum(math.log(1 + len(units) / df[t]) for t in asked & w) for w in words])
+    fused = np.zeros(len(units))
+    for score in (dense, lexical):
+        ranks = np.argsort(np.argsort(-score, kind="stable"), kind="stable")  # 0 = best
+        fused += 1.0 / (RRF_K + ranks)
+    best = np.argsort(-fused, kind="stable")[:n]
+    return [Hit(units[i][0].source, units[i][0].location, titles[i], units[i][1], units[i][0].chunk, float(fused[i]),
+                units[i][0].chunk_id) for i in best]
+
+
 @dataclass
 class Answer:
     """A reply and the sources it was given, best first (the numbers in the reply refer to them)."""
@@ -85,13 +143,17 @@ class Answer:
 
 def answer(model: Any, tokenizer: Any, index: Index, question: str, k: int = 3, mode: str = "hybrid",
            max_new_tokens: int = 256, on_piece: Callable[[str], Any] | None = None,
-           history: Sequence[dict[str, str]] = (), placement: str = "user", **options: Any) -> Answer:
+           history: Sequence[dict[str, str]] = (), placement: str = "user", sentences: int = 0,
+           **options: Any) -> Answer:
     """Retrieves `k` chunks for `question`, answers it from them (streamed to `on_piece` as generated), and
-    returns the answer with its sources. `history`: earlier turns of a conversation; `options`:
-    GenerationConfig fields."""
+    returns the answer with its sources. `sentences` > 0: the sources are the chunks' `sentences` sentences
+    closest to the question (`evidence`), not the whole chunks. `history`: earlier turns of a conversation;
+    `options`: GenerationConfig fields."""
     from lmforge.generate import stream
 
     hits = index.search(question, k, mode)
+    if sentences > 0:
+        hits = evidence(index, question, hits, sentences)
     context = model.config.max_seq_len
     ids, kept, _ = fit_prompt(tokenizer, [*history, {"role": "user", "content": question}], hits, context,
                               reserve=min(max_new_tokens, context // 2), placement=placement)
@@ -167,14 +229,14 @@ def retrieval_metrics(index: Index, questions: Sequence[tuple[list[dict[str, str
 
 def evaluate(model: Any, tokenizer: Any, index: Index, path: str | os.PathLike, k: int = 3, mode: str = "hybrid",
              max_new_tokens: int = 32, baseline: bool = True, modes: Sequence[str] = MODES, recall_at: int = 5,
-             batch_size: int = 8, placement: str = "user") -> dict[str, Any]:
+             batch_size: int = 8, placement: str = "user", sentences: int = 0) -> dict[str, Any]:
     """Retrieval metrics of every mode (recall@1, recall@`recall_at`, MRR), and greedy answer accuracy (exact /
     contains, as the SFT recipe scores it) without retrieval (`baseline`) and with `k` chunks of `mode` in the
-    prompt, on the questions in `path`."""
+    prompt (or, `sentences` > 0, their `sentences` best sentences: `evidence`), on the questions in `path`."""
     from lmforge.recipes.common import answer_accuracy
 
     questions = read_questions(path)
-    result: dict[str, Any] = {"n": len(questions), "k": k, "mode": mode,
+    result: dict[str, Any] = {"n": len(questions), "k": k, "mode": mode, "sentences": sentences,
                               "gold": "source" if all(s for *_, s in questions) else "answer in chunk",
                               "retrieval": retrieval_metrics(index, questions, recall_at, modes)}
     if baseline:
@@ -185,6 +247,8 @@ def evaluate(model: Any, tokenizer: Any, index: Index, path: str | os.PathLike, 
     prompts = []
     for msgs, ref, _ in questions:
         hits = index.search(msgs[-1]["content"], k, mode)
+        if sentences > 0:
+            hits = evidence(index, msgs[-1]["content"], hits, sentences)
         prompts.append((fit_prompt(tokenizer, msgs, hits, context, min(max_new_tokens, context // 2),
                                    placement)[0], ref))
     result["with_rag"] = answer_accuracy(model, tokenizer, prompts, max_new_tokens, batch_size)
