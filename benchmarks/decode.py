@@ -171,7 +171,7 @@ def bench_file(kind: str, file: Path, tool: Path | None, threads: int, prompt_le
     from lmforge.evaluate import perplexity
     from lmforge.quantize import load_gguf_blocks
 
-    model, tok = lmforge.load(file, device="cpu", dtype=None)
+    model, tok = lmforge.load(file, device="cpu", dtype={"bf16": "bfloat16", "f16": "float16"}.get(kind, "float32"))
     if kind.startswith("q"):
         load_gguf_blocks(model, file)
     ids = (tok.encode(TEXT) * 8)[:prompt_len]

@@ -4,8 +4,8 @@ SmolLM2-135M-Instruct (the GGUF) over the OpenAI chat API, on this machine.
 Servers, each in its own process, run one after the other on the same model file:
 - lmforge serve with continuous batching (--max-concurrency = the most clients);
 - lmforge serve one request at a time (--max-concurrency 1: the same load, queued) — the batching gain;
-- llama.cpp's OpenAI server (`python -m llama_cpp.server`, from `pip install "llama-cpp-python[server]"`, which
-  builds llama.cpp from source: a benchmark-only dependency), skipped with a message when not installed.
+- llama.cpp: its own `llama-server` (`--llama-server PATH`; continuous batching over -np slots, the anchor), or else
+  the bindings' server (`python -m llama_cpp.server`, one request at a time) when installed; benchmark-only.
 
 Answers are exactly --tokens long (lmforge: `ignore_eos`; llama.cpp: eos's logit_bias -100), greedy. Reported:
 total tokens/s (all answers' tokens over the wall time from the first request to the last token), time to
@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +66,13 @@ class Server:
     def start(self) -> subprocess.Popen:
         import httpx
 
-        proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        log = tempfile.TemporaryFile("w+")  # not a pipe: a server that logs every request would fill it and block
+        proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=log, text=True)
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise SystemExit(f"{self.name} exited: {proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                raise SystemExit(f"{self.name} exited: {log.read()[-2000:]}")
             try:
                 if httpx.get(f"http://127.0.0.1:{self.port}/v1/models", timeout=2).status_code == 200:
                     return proc
@@ -141,6 +144,8 @@ def main() -> None:
     ap.add_argument("--quantize", default=None, choices=["int8", "int4", "gguf"], help="lmforge serve --quantize")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of each server")
     ap.add_argument("--skip-one-at-a-time", action="store_true", help="only the batched lmforge server")
+    ap.add_argument("--llama-server", default=None, help="llama.cpp's llama-server binary (e.g. from "
+                    "../shared/bench/build_llama_cpp.sh): the serving anchor, with continuous batching")
     args = ap.parse_args()
     path = gguf_path(args.gguf)
     most = max(args.clients)
@@ -157,7 +162,13 @@ def main() -> None:
     servers = [lmforge(f"lmforge, batched ({most} slots)", most)]
     if not args.skip_one_at_a_time:
         servers.append(lmforge("lmforge, one at a time", 1))
-    if importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("llama_cpp.server") is not None:
+    if args.llama_server:  # llama.cpp's own server: continuous batching over -np slots
+        port = free_port()
+        cmd = [str(Path(args.llama_server).expanduser()), "-m", str(path), "--port", str(port), "--host", "127.0.0.1",
+               "-t", str(args.threads), "-c", str(512 * most), "-np", str(most), "-a", "smollm2"]
+        servers.append(Server(f"llama.cpp llama-server (-np {most})", cmd, "smollm2",
+                              {"ignore_eos": True, "logit_bias": {"2": -100}}, port))
+    elif importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("llama_cpp.server") is not None:
         port = free_port()
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--port", str(port), "--n_ctx", "4096",
                "--n_threads", str(args.threads), "--model_alias", "smollm2"]
