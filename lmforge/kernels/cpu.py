@@ -16,16 +16,29 @@ ENV_BLAS = "LMFORGE_CPU_BLAS"  # =openblas or =torch: which library makes fp32 C
 BLAS_MIN = 16  # fewer rows or columns than this: torch's product (nothing to gain, and a decode step's GEMVs)
 
 
+def _cpu_has(name: str) -> bool:
+    """torch.cpu's test for an instruction set (e.g. "_is_avx512_bf16_supported"); False where torch lacks it."""
+    return bool(getattr(torch.cpu, name, lambda: False)())
+
+
 @functools.cache
 def emulated_half() -> dict[torch.dtype, bool]:
     """Which half-precision matmuls this CPU lacks instructions for (bf16: AVX512-BF16 or AMX; fp16:
     AMX-FP16), so that oneDNN converts every element of both operands for every product: there, converting the
     weight once and multiplying in fp32 is faster for many rows (benchmarks/decode.py; README). Same result: a
     product of two bf16 (fp16) numbers is exact in fp32, and both sum in fp32."""
-    has = {name: getattr(torch.cpu, name, lambda: False)() for name in
-           ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported")}
-    return {torch.bfloat16: not (has["_is_avx512_bf16_supported"] or has["_is_amx_tile_supported"]),
-            torch.float16: not has["_is_amx_fp16_supported"]}
+    return {torch.bfloat16: not (_cpu_has("_is_avx512_bf16_supported") or _cpu_has("_is_amx_tile_supported")),
+            torch.float16: not _cpu_has("_is_amx_fp16_supported")}
+
+
+def gemv_dtypes() -> frozenset[torch.dtype]:
+    """The half dtypes whose decoding rows (1 to 8) go through lmforge's half_gemv: each one this CPU emulates,
+    and bf16 where AVX512-BF16 is its bf16 instruction set (no AMX): there oneDNN's native one-row bf16 product
+    ran at half the kernel's speed (SmolLM2, compiled decode, 2-core EPYC: 38-47 against 86-92 tok/s, the
+    kernel at ~75% of the copy-bandwidth limit). CPUs with AMX keep oneDNN's (not measured)."""
+    emulated = emulated_half()
+    native_bf16 = _cpu_has("_is_avx512_bf16_supported") and not _cpu_has("_is_amx_tile_supported")
+    return frozenset(dt for dt in HALF if emulated[dt] or (dt == torch.bfloat16 and native_bf16))
 
 
 @functools.cache
@@ -112,8 +125,8 @@ def make_plan(device: torch.device, dtype: torch.dtype, training: bool, cpu_kern
         return _PLANS.setdefault(Plan(), Plan())
     allowed = build.kernels_allowed(cpu_kernels)
     want_blas = dtype == torch.float32 and wants_blas(blas, cpu_kernels)
-    emulated = emulated_half()
-    want_gemv = allowed and not training and dtype in HALF and emulated[dtype]
+    emulated, gemv = emulated_half(), gemv_dtypes()
+    want_gemv = allowed and not training and dtype in gemv
     if allowed and training and dtype == torch.float32:
         build.prebuild(training_kernels(cpu_kernels, blas))
         build.load("fused")
@@ -123,6 +136,6 @@ def make_plan(device: torch.device, dtype: torch.dtype, training: bool, cpu_kern
         build.load("half_gemv")
     plan = Plan(fused=allowed and build.loaded("fused"),
                 blas=wants_blas(blas, cpu_kernels) and build.loaded("blas_mm"),
-                half_gemv=frozenset(dt for dt in HALF if allowed and emulated[dt] and build.loaded("half_gemv")),
+                half_gemv=frozenset(dt for dt in gemv if allowed and build.loaded("half_gemv")),
                 upcast=frozenset(dt for dt in HALF if emulated[dt]))
     return _PLANS.setdefault(plan, plan)

@@ -153,6 +153,18 @@ def test_a_compiled_graph_calls_it(built, monkeypatch):
 EMULATED = {torch.bfloat16: True, torch.float16: True}  # a CPU without bf16/fp16 instructions
 
 
+@pytest.mark.parametrize("has, want", [
+    ({}, {torch.bfloat16, torch.float16}),  # AVX2 only: both emulated
+    ({"_is_avx512_bf16_supported"}, {torch.bfloat16, torch.float16}),  # native bf16, yet the kernel decodes faster
+    ({"_is_avx512_bf16_supported", "_is_amx_tile_supported"}, {torch.float16}),  # AMX: oneDNN's (not measured)
+    ({"_is_amx_tile_supported", "_is_amx_fp16_supported"}, set()),
+])
+def test_which_half_dtypes_decode_through_the_kernel(monkeypatch, has, want):
+    monkeypatch.setattr(cpu, "_cpu_has", lambda name: name in has)
+    monkeypatch.setattr(cpu, "emulated_half", cpu.emulated_half.__wrapped__)  # uncached, with the CPU above
+    assert cpu.gemv_dtypes() == want
+
+
 def test_a_kernel_that_cannot_be_built_warns_once_and_leaves_torchs(monkeypatch):
     monkeypatch.setattr(build, "_loaded", {})
     monkeypatch.setattr(cpu, "emulated_half", lambda: EMULATED)
