@@ -151,7 +151,10 @@ def test_smollm2_runs_on_its_own_q4_1_and_q8_0_blocks():
     assert held <= 1.3 * SMOLLM2.stat().st_size, (held, SMOLLM2.stat().st_size)
     with torch.no_grad():
         got = model(text)
-    torch.testing.assert_close(got, want, atol=1e-3, rtol=0)  # the same values, summed in another order
+    # the same weights; the kernels read x as int16 blocks (a product within ~2e-5 of fp32's): logits to 5e-4 of
+    # their range, the same top-1 everywhere
+    torch.testing.assert_close(got, want, atol=5e-4 * want.abs().max().item(), rtol=0)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, tokenize=True)
     assert "Paris" in tok.decode(generate(model, [ids], 8, tokenizer=tok)[0])
