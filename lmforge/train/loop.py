@@ -299,7 +299,8 @@ def fit(
                 tps, lr = speed.per_second() * world, schedule.get_last_lr()[0]
                 metrics.log({"step": step + 1, "loss": loss_mean, "lr": lr, "grad_norm": grad_norm,
                              "tokens_per_s": tps, **{k: v / n_total for k, v in sums.items()}})
-                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+                # shown at the bar's next refresh: a log file gets a line per interval, not one per step
+                bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
             stopping = stop.agreed(dist) and step + 1 < end  # every process stops at the same step
             done = step + 1 == end or stopping
             if evaluate is not None and cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not done:

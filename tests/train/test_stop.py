@@ -103,6 +103,14 @@ def test_progress_in_a_log_file_is_plain_lines(capsys):
     assert "\r" not in err and err.count("\n") >= 2 and "work: 100%" in err
 
 
+def test_a_training_log_in_a_file_gets_lines_per_interval_not_per_step(tmp_path, capsys):
+    model = tiny_model()
+    fit(model, get_batch, loss_fn, TrainConfig(max_steps=30, lr=1e-2, progress=True), tmp_path)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "\r" not in "".join(lines) and 2 <= len(lines) <= 4, lines  # the start, the end (and maybe one between)
+    assert "30/30" in lines[-1] and "loss=" in lines[-1]
+
+
 # ---- a stop outside the step: during an evaluation, the final save, the data preparation -----------------
 
 def test_a_signal_during_an_evaluation_stops_at_that_step(tmp_path):
