@@ -3,10 +3,10 @@ replaces every `nn.Linear` by an `Int8Linear` (one int8 per weight, one scale pe
 `quantize(model, "int4", group_size=32)` by an `Int4Linear` (4 bits per weight, a scale and a minimum per
 group of `group_size` inputs, in GGUF's Q4_1 layout), and `load_gguf_blocks(model, path)` keeps a GGUF
 file's own Q8_0 / Q4_0 / Q4_1 blocks. Activations stay in the model's dtype. On CPU, up to 64 rows
-(decoding, short prompts; 8 a call) go through lmforge's own kernels (`kernels/int8_gemv.cpp`, `kernels/int4_gemv.cpp`, loaded by
-these functions), which read the activations as int16 blocks of 32 (1 part in 65534 of a block's largest value:
-`kernels/qx.h`) for integer products; int8 prompts through torch's `_weight_int8pack_mm`; the rest through
-the weight unpacked for the product (correct, not fast).
+(decoding, short prompts; 8 a call) go through lmforge's own kernels (`kernels/int8_gemv.cpp`,
+`kernels/int4_gemv.cpp`, loaded by these functions), which read the activations as int16 blocks of 32 (1 part
+in 65534 of a block's largest value: `kernels/qx.h`) for integer products; longer int8 prompts through torch's
+`_weight_int8pack_mm`; the rest through the weight unpacked for the product (correct, not fast).
 
 Norms (and an untied model's embedding) stay as they are. A tied model's LM head is quantized, and its
 embedding then reads the same quantized table (`QuantEmbedding`): the weights are held once, at their
@@ -21,6 +21,7 @@ from torch import nn
 from lmforge.kernels import build
 
 SCHEMES = ("int8", "int4")
+INT4_GROUPS = (32, 64, 128, 256)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 KERNEL_ROWS = 8  # rows per call of lmforge's GEMV kernels (their row loops are compiled for 1 to 8)
 # up to this many rows (a short prompt, a batch of decoding requests) go through the kernels 8 at a time: each call
@@ -34,7 +35,6 @@ def _gemv(op, x: torch.Tensor, layer: nn.Module, *weights: torch.Tensor) -> torc
     parts = [op(*weights, x2[i:i + KERNEL_ROWS]) for i in range(0, x2.shape[0], KERNEL_ROWS)]
     y = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(*x.shape[:-1], layer.out_features)  # (..., out)
     return y if layer.bias is None else y + layer.bias.to(y.dtype)
-INT4_GROUPS = (32, 64, 128, 256)
 
 
 class Int8Linear(nn.Module):
@@ -59,8 +59,7 @@ class Int8Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight these int8 values stand for, fp32 (out, in)."""
-        groups = self.q.float().view(self.out_features, self.scale.shape[1], -1)  # (out, in / G, G)
-        return (groups * self.scale[..., None]).view(self.out_features, self.in_features)
+        return self.rows(torch.arange(self.out_features, device=self.q.device))
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the dequantized weight, fp32 (*ids.shape, in): an embedding lookup in this table."""

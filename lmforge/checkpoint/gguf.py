@@ -568,9 +568,11 @@ def write_gguf(model, tokenizer, path: str | Path, outtype: str = "f16", name: s
         if tokenizer.chat_template:
             w.add_chat_template(tokenizer.chat_template)
         # tensor entries first, then each tensor converted and written in turn: one fp32 copy at a time in memory
-        plan = [(hf_name, g, _gguf_kind(t.shape, _HEAD_TYPE if g in ("token_embd.weight", "output.weight") and
-                                        outtype.startswith("q4") else qtype))
-                for hf_name, t in state.items() for g in [_gguf_name(hf_name)]]
+        plan = []
+        for hf_name, t in state.items():
+            g = _gguf_name(hf_name)
+            head = g in ("token_embd.weight", "output.weight") and outtype.startswith("q4")
+            plan.append((hf_name, g, _gguf_kind(t.shape, _HEAD_TYPE if head else qtype)))
         for hf_name, g, kind in plan:
             shape = tuple(state[hf_name].shape)
             if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):

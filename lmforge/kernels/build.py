@@ -29,13 +29,18 @@ _VNNI = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags of this CPU (/proc/cpuinfo; empty where there is none)."""
+def cpuinfo(field: str) -> str:
+    """The first `field` line's value in /proc/cpuinfo ("vendor_id", "flags"); empty where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
-            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith(field)), "")
     except OSError:
-        return frozenset()
+        return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU."""
+    return frozenset(cpuinfo("flags").split())
 
 
 def _extra_cflags(name: str) -> tuple[str, ...]:

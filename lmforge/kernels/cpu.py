@@ -41,16 +41,8 @@ def gemv_dtypes() -> frozenset[torch.dtype]:
     return frozenset(dt for dt in HALF if emulated[dt] or (dt == torch.bfloat16 and native_bf16))
 
 
-@functools.cache
 def cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return build.cpuinfo("vendor_id")
 
 
 def wants_blas(blas: str | None = None, cpu_kernels: bool | None = None) -> bool:

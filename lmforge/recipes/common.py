@@ -142,8 +142,7 @@ def model_hooks(model: Transformer, tokenizer: Any):
 
 def setup_lora(model: Transformer, cfg: Any, dist: Any = None) -> None:
     """Adapters for a fine-tuning config (`cfg.adapter` to continue, or `cfg.lora`); prints what trains."""
-    check_lora(model, cfg, dist)
-    if cfg.adapter:
+    if cfg.adapter:  # (what check_lora checks was checked by start_finetune, before the data was read)
         load_adapter(model, cfg.adapter)
         for m in lora_modules(model).values():
             for p in (m.lora_a, m.lora_b):
