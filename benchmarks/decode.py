@@ -13,7 +13,8 @@ Against llama.cpp (`--llama-cpp DIR`: a folder with llama-bench and llama-perple
 ../shared/bench/build_llama_cpp.sh; a benchmark anchor, never a test dependency): `--gguf-types q4_1 q8_0 bf16 f32`
 runs lmforge and llama.cpp on the same GGUF files - the shipped Q4_1 file, and the others written from it by
 lmforge's `write_gguf` - lmforge on the file's own blocks (`--quantize gguf`) or, for float files, its weights as
-stored. Rounds alternate lmforge and one llama-bench repetition (-p 0 -n NEW, same threads). `--perplexity TEXT`
+stored. Rounds alternate lmforge and one llama-bench repetition (-p 0 -n NEW, same threads); both columns are
+decoding alone (llama-bench's tg: lmforge's prompt prefill and first token are timed apart, "prefill ms"). `--perplexity TEXT`
 adds each tool's perplexity of TEXT per file (llama.cpp's convention for both: windows of --ctx tokens, the second
 half of each scored), and its change from the f32 file.
 """
@@ -176,20 +177,23 @@ def bench_file(kind: str, file: Path, tool: Path | None, threads: int, prompt_le
         load_gguf_blocks(model, file)
     ids = (tok.encode(TEXT) * 8)[:prompt_len]
 
-    def ours() -> list[int]:
-        return generate(model, ids, new, compile=compile)[0]
+    def ours(n: int) -> list[int]:
+        return generate(model, ids, n, compile=compile)[0]
 
     if compile:
-        model.setup_cache(1, prompt_len + new)
-    ours()  # warm up (and compile)
-    t_ours, t_theirs = [], []
+        model.setup_cache(1, prompt_len + new + 1)
+    ours(new + 1)  # warm up (and compile)
+    t_ours, t_first, t_theirs = [], [], []
     for _ in range(rounds):
-        t_ours.append(timed(ours, torch.device("cpu"))[0])
+        # decoding alone, as llama-bench's -n: `new` tokens after the first (the prompt's prefill and the first
+        # token timed apart and subtracted)
+        t_first.append(timed(lambda: ours(1), torch.device("cpu"))[0])
+        t_ours.append(timed(lambda: ours(new + 1), torch.device("cpu"))[0] - t_first[-1])
         if tool is not None:
             t_theirs.append(new / llama_bench(tool, file, threads, new))
     model.clear_cache()
-    r = dict(ours=new / statistics.median(t_ours), bytes=weight_bytes(model), file=file.stat().st_size,
-             theirs=new / statistics.median(t_theirs) if t_theirs else None)
+    r = dict(ours=new / statistics.median(t_ours), first=statistics.median(t_first), bytes=weight_bytes(model),
+             file=file.stat().st_size, theirs=new / statistics.median(t_theirs) if t_theirs else None)
     if text is not None:
         r["ppl"] = perplexity(model, tok, [text.read_text()], seq_len=ctx, score_from=ctx // 2, progress=False)["ppl"]
         r["ppl_theirs"] = llama_perplexity(tool, file, text, threads, ctx) if tool is not None else None
@@ -209,14 +213,14 @@ def main_gguf(args: argparse.Namespace) -> None:
         files = write_types(path, args.gguf_types, Path(tmp))
         rows = {t: bench_file(t, files[t], tool, threads, args.prompt_tokens, args.new_tokens, args.rounds,
                               args.compile, text, args.ctx) for t in args.gguf_types}
-    print(f"{'GGUF':6} {'file MB':>8} {'lmforge tok/s':>14} {'llama.cpp':>10} {'ratio':>6} {'limit tok/s':>12} "
-          f"{'lmforge %':>10} {'llama %':>8}" + (f" {'ppl lmforge (d f32)':>20} {'ppl llama.cpp (d f32)':>22}"
+    print(f"{'GGUF':6} {'file MB':>8} {'prefill ms':>10} {'lmforge tok/s':>14} {'llama.cpp':>10} {'ratio':>6} "
+          f"{'limit tok/s':>12} {'lmforge %':>10} {'llama %':>8}" + (f" {'ppl lmforge (d f32)':>20} {'ppl llama.cpp (d f32)':>22}"
                                                    if text else ""))
     base = rows.get("f32")
     for t, r in rows.items():
         limit = bw / r["bytes"]
         theirs = r["theirs"]
-        line = (f"{t:6} {r['file'] / 1e6:8.1f} {r['ours']:14.1f} {theirs or float('nan'):10.1f} "
+        line = (f"{t:6} {r['file'] / 1e6:8.1f} {1e3 * r['first']:10.1f} {r['ours']:14.1f} {theirs or float('nan'):10.1f} "
                 f"{r['ours'] / theirs if theirs else float('nan'):5.2f}x {limit:12.1f} {100 * r['ours'] / limit:9.0f}% "
                 f"{100 * (theirs or float('nan')) / limit:7.0f}%")
         if text:

@@ -29,6 +29,12 @@ KERNEL_ROWS = 8  # rows per call of lmforge's GEMV kernels (their row loops are 
 CHUNKED_ROWS = 64
 
 
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    """A quantized module's tensor as a frozen parameter, not a buffer: torch.compile's guards skip checking that
+    parameters do not alias each other (a check per buffer on every call of a compiled decode step)."""
+    return nn.Parameter(t.contiguous(), requires_grad=False)
+
+
 def _gemv(op, x: torch.Tensor, layer: nn.Module, *weights: torch.Tensor) -> torch.Tensor:
     """layer(x) through the kernel `op(*weights, rows)`, KERNEL_ROWS rows a call."""
     x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
@@ -46,8 +52,8 @@ class Int8Linear(nn.Module):
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.register_buffer("q", q.to(torch.int8).contiguous())  # (out, in)
-        self.register_buffer("scale", scale.float().reshape(q.shape[0], -1).contiguous())  # (out, in / G)
+        self.q = _frozen(q.to(torch.int8))  # (out, in)
+        self.scale = _frozen(scale.float().reshape(q.shape[0], -1))  # (out, in / G)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.out_features, self.in_features = q.shape
 
@@ -99,9 +105,9 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 weights come in blocks of 32 inputs; this layer has {k}")
         blocks = q.to(torch.uint8).view(out, k // 32, 32)  # (out, in / 32, 32)
         packed = blocks[..., :16] | (blocks[..., 16:] << 4)  # (out, in / 32, 16)
-        self.register_buffer("packed", packed.reshape(out, k // 2).contiguous())  # (out, in / 2)
-        self.register_buffer("scale", scale.float().reshape(out, -1).contiguous())  # (out, in / 32)
-        self.register_buffer("minimum", minimum.float().reshape(out, -1).contiguous())  # (out, in / 32)
+        self.packed = _frozen(packed.reshape(out, k // 2))  # (out, in / 2)
+        self.scale = _frozen(scale.float().reshape(out, -1))  # (out, in / 32)
+        self.minimum = _frozen(minimum.float().reshape(out, -1))  # (out, in / 32)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = k, out
 

@@ -58,10 +58,62 @@ void gemv_rows(const uint8_t* W, const float* D, const float* Mn, const Rows& x,
   });
 }
 
+#ifdef LMFORGE_QX_VNNI
+// The same sums with AVX512-VNNI, two blocks at a time: their 32 packed bytes as one vector, masked to the low
+// nibbles (values 0-15 of both) and shifted to the high ones (16-31), each multiplied by the x bytes laid out in
+// that order (qx.h's split_pairs): four vpdpbusd and a shift give both blocks' exact integer sums, lanes 0-3 the
+// first block's, 4-7 the second's; then one conversion and one multiply-add with the two blocks' scales.
+template <typename Out, int M>
+void gemv_pairs(const uint8_t* W, const float* D, const float* Mn, const Rows& x, Out* y, int64_t N, int64_t K) {
+  const int64_t B = K / 32, P = (B + 1) / 2;
+  const Pairs xp = split_pairs(x, M, K);
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const uint8_t* w = W + r * (K / 2);
+      const float* d = D + r * B;
+      __m256 even[M], odd[M];
+      float bias[M];
+      for (int m = 0; m < M; ++m) {
+        even[m] = odd[m] = _mm256_setzero_ps();
+        bias[m] = dot(Mn + r * B, x.sum.data() + m * B, B);
+      }
+      auto pair = [&](int64_t p, __m256* acc) {
+        const bool whole = 2 * p + 1 < B;
+        const __m256i v = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p))
+                                : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32 * p)));
+        const __m256i lo4 = _mm256_and_si256(v, low), hi4 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        const __m128d dd = whole ? _mm_load_sd(reinterpret_cast<const double*>(d + 2 * p))
+                                 : _mm_castps_pd(_mm_load_ss(d + 2 * p));
+        const __m256 dw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(dd)), spread);
+        for (int m = 0; m < M; ++m) {
+          const __m256i* xb = reinterpret_cast<const __m256i*>(xp.b.data() + 128 * (m * P + p));
+          __m256i h = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo4, _mm256_loadu_si256(xb));
+          h = _mm256_dpbusd_epi32(h, hi4, _mm256_loadu_si256(xb + 1));
+          __m256i s = _mm256_dpbusd_epi32(_mm256_slli_epi32(h, 8), _mm256_loadu_si256(xb + 2), lo4);
+          s = _mm256_dpbusd_epi32(s, _mm256_loadu_si256(xb + 3), hi4);
+          const __m256 scale = _mm256_mul_ps(dw, _mm256_loadu_ps(xp.d.data() + 8 * (m * P + p)));
+          acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), scale, acc[m]);
+        }
+      };
+      int64_t p = 0;
+      for (; p + 1 < P; p += 2) pair(p, even), pair(p + 1, odd);
+      if (p < P) pair(p, even);
+      for (int m = 0; m < M; ++m) y[m * N + r] = static_cast<Out>(hsum(_mm256_add_ps(even[m], odd[m])) + bias[m]);
+    }
+  });
+}
+#endif
+
 template <typename Out>
 void dispatch(const uint8_t* W, const float* D, const float* Mn, const Rows& x, Out* y, int64_t M, int64_t N,
               int64_t K) {
+#ifdef LMFORGE_QX_VNNI
+  with_rows(M, "int4_gemv", [&](auto rows) { gemv_pairs<Out, decltype(rows)::value>(W, D, Mn, x, y, N, K); });
+#else
   with_rows(M, "int4_gemv", [&](auto rows) { gemv_rows<Out, decltype(rows)::value>(W, D, Mn, x, y, N, K); });
+#endif
 }
 
 at::Tensor int4_gemv(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& minimum,

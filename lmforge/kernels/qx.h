@@ -45,6 +45,62 @@ inline Rows quantize(const float* x, int64_t M, int64_t K) {
   return r;
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LMFORGE_QX_VNNI 1
+// With AVX512-VNNI the int16 x is split into bytes, q = 256 * hi + lo (hi signed, lo unsigned), so that a block of
+// weights needs no widening: vpdpbusd multiplies 32 bytes by 32 bytes and sums each 4 into an int32 lane, once
+// against hi and once against lo, and (256 * hi-sum + lo-sum) is the same exact integer as before.
+
+// The bytes of q in plain block order, for int8 weights: per row m and block b, 32 bytes hi + 128 (unsigned: vpdpbusd
+// wants one unsigned side, and int8 weights are signed) then 32 bytes lo.
+inline std::vector<int8_t> split_blocks(const Rows& r, int64_t M, int64_t K) {
+  std::vector<int8_t> s(M * K * 2);
+  for (int64_t i = 0; i < M * K / 32; ++i) {
+    const int16_t* q = r.q.data() + 32 * i;
+    int8_t* o = s.data() + 64 * i;
+    for (int j = 0; j < 32; ++j) o[j] = static_cast<int8_t>((q[j] >> 8) ^ 0x80), o[32 + j] = static_cast<int8_t>(q[j] & 0xFF);
+  }
+  return s;
+}
+
+// q with each block's values reordered 0 1 4 5 8 9 .. 28 29, 2 3 6 7 .. 30 31: paired so by vpmaddwd, the two
+// halves' int32 lanes each sum 4 consecutive values, as vpdpbusd's lanes do
+inline std::vector<int16_t> lanes(const std::vector<int16_t>& q) {
+  std::vector<int16_t> o(q.size());
+  for (size_t i = 0; i < q.size(); i += 32)
+    for (int j = 0; j < 8; ++j)
+      o[i + 2 * j] = q[i + 4 * j], o[i + 2 * j + 1] = q[i + 4 * j + 1],
+      o[i + 16 + 2 * j] = q[i + 4 * j + 2], o[i + 16 + 2 * j + 1] = q[i + 4 * j + 3];
+  return o;
+}
+
+// The bytes of q in pairs of blocks, for 4-bit weights: two blocks' 32 packed bytes, read as one 32-byte vector,
+// hold in their low nibbles values 0-15 of both blocks and in their high nibbles values 16-31. Per row m and pair
+// p (blocks 2p, 2p + 1; a missing last block as zeros): hi of those values in that order (32 bytes: values 0-15
+// of both blocks), hi of the values 16-31 (32), then the same of lo (64); and each block's dx four times (8 floats).
+struct Pairs {
+  std::vector<int8_t> b;
+  std::vector<float> d;
+};
+
+inline Pairs split_pairs(const Rows& r, int64_t M, int64_t K) {
+  const int64_t B = K / 32, P = (B + 1) / 2;
+  Pairs s{std::vector<int8_t>(M * P * 128), std::vector<float>(M * P * 8, 0.f)};
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < B; ++b) {
+      const int16_t* q = r.q.data() + m * K + 32 * b;
+      const int64_t p = m * P + b / 2, half = 16 * (b % 2);
+      int8_t* o = s.b.data() + 128 * p;
+      for (int j = 0; j < 16; ++j) {
+        o[half + j] = static_cast<int8_t>(q[j] >> 8), o[32 + half + j] = static_cast<int8_t>(q[16 + j] >> 8);
+        o[64 + half + j] = static_cast<int8_t>(q[j] & 0xFF), o[96 + half + j] = static_cast<int8_t>(q[16 + j] & 0xFF);
+      }
+      for (int l = 0; l < 4; ++l) s.d[8 * p + 4 * (b % 2) + l] = r.d[m * B + b];
+    }
+  return s;
+}
+#endif
+
 // x (M, K) of float32 / bfloat16 / float16 as fp32
 inline std::vector<float> to_float(const at::Tensor& x) {
   const at::Tensor xc = x.contiguous();
