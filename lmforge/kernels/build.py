@@ -23,7 +23,7 @@ ENV_KERNELS = "LMFORGE_CPU_KERNELS"  # =0: never build or use lmforge's C++ kern
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 # ATen's Vectorized<float> as 8-wide AVX2 (the code any AVX2 or AVX-512 CPU runs)
 _VEC_AVX2 = ("-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2")
-_EXTRA_CFLAGS = {"fused": _VEC_AVX2, "blas_mm": _VEC_AVX2}
+_EXTRA_CFLAGS = {"fused": _VEC_AVX2, "blas_mm": _VEC_AVX2, "decode_attention": _VEC_AVX2}
 # the quantized GEMVs' integer dot products: AVX512-VNNI's multiply-and-add where the CPU has it (qx.h), else AVX2's
 _VNNI = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 
@@ -177,6 +177,7 @@ _FAKES = {
         (x.shape[0], q.shape[0]), dtype=torch.float32 if fp32_out else x.dtype))],
     "int4_gemv": [("int4_gemv", lambda packed, scale, minimum, x, fp32_out=False: x.new_empty(
         (x.shape[0], packed.shape[0]), dtype=torch.float32 if fp32_out else x.dtype))],
+    "decode_attention": [("decode_attention", lambda q, k, v, mask, scale: q.new_empty(q.shape))],
     "fused": [("silu_mul", lambda gate, up: gate.new_empty(gate.shape)),
               ("silu_mul_backward_", lambda d, grad, gate, up: None),
               ("softmax_xent_", lambda z, labels, ignore_index: z.new_empty(z.shape[:1])),

@@ -94,12 +94,14 @@ class Plan:
     blas: `blas_mm.cpp` (fp32 products and causal training attention through OpenBLAS).
     half_gemv: dtypes whose one to eight row products use `half_gemv.cpp` (decoding).
     upcast: dtypes this CPU emulates: their many-row inference products run in fp32 (a prompt's prefill).
+    decode_attention: one new token's attention to the KV cache through `decode_attention.cpp` (inference).
     """
 
     fused: bool = False
     blas: bool = False
     half_gemv: frozenset[torch.dtype] = frozenset()
     upcast: frozenset[torch.dtype] = frozenset()
+    decode_attention: bool = False
 
 
 _PLANS: dict[Plan, Plan] = {}  # one object per distinct plan: compiled graphs see the same one each call
@@ -111,7 +113,7 @@ def make_plan(device: torch.device, dtype: torch.dtype, training: bool, cpu_kern
               blas: str | None = None) -> Plan:
     """The plan for a model on `device` in `dtype`. Loads (building on first use) the kernels this use needs:
     for training the fused kernels and OpenBLAS where chosen, compiled in parallel; for inference OpenBLAS
-    (fp32 prompts) or the half-precision GEMV (emulated bf16/fp16). A kernel another use loaded is used too
+    (fp32 prompts), the half-precision GEMV (emulated bf16/fp16) and the decoding attention. A kernel another use loaded is used too
     (harmless: each applies only where it fits), so a generation inside training never turns training's off."""
     if device.type != "cpu":
         return _PLANS.setdefault(Plan(), Plan())
@@ -126,8 +128,11 @@ def make_plan(device: torch.device, dtype: torch.dtype, training: bool, cpu_kern
         build.load("blas_mm")
     if want_gemv:
         build.load("half_gemv")
+    if allowed and not training:
+        build.load("decode_attention")
     plan = Plan(fused=allowed and build.loaded("fused"),
                 blas=wants_blas(blas, cpu_kernels) and build.loaded("blas_mm"),
                 half_gemv=frozenset(dt for dt in gemv if allowed and build.loaded("half_gemv")),
-                upcast=frozenset(dt for dt in HALF if emulated[dt]))
+                upcast=frozenset(dt for dt in HALF if emulated[dt]),
+                decode_attention=allowed and build.loaded("decode_attention"))
     return _PLANS.setdefault(plan, plan)

@@ -107,12 +107,23 @@ class FusedRoPE(RoPE):
 class BlasAttention(SoftmaxAttention):
     """Causal attention for fp32 CPU training where OpenBLAS is chosen: lmforge::causal_attention (64 query
     rows at a time against the keys they may see; dK/dV of a K/V head in its own task). Masks, ALiBi,
-    inference, compiled code and fewer sequence x K/V-head tasks than threads keep SDPA."""
+    inference, compiled code and fewer sequence x K/V-head tasks than threads keep SDPA.
+    Decoding (one new token, no gradient, CPU, compiled or not): lmforge::decode_attention, the G query heads
+    that share a K/V head read it once (SDPA's flash loop is built for long query blocks: ~4x the time here)."""
 
     plan = Plan()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, H, T, D = q.shape
+        K = k.shape[1]
+        if (self.plan.decode_attention and T == 1 and q.device.type == "cpu" and D % 8 == 0
+                and q.dtype == k.dtype == v.dtype and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+                and (mask is None or mask.dim() == 4 and mask.dtype in (torch.bool, torch.float32))):
+            if mask is not None and mask.shape[1] == H and K != H:  # per-head ALiBi bias (B|1, H, 1, S)
+                mask = mask.reshape(mask.shape[0], K, H // K, mask.shape[-1])  # (B|1, K, G, S)
+            y = torch.ops.lmforge.decode_attention(q.reshape(B, K, H // K, D), k, v, mask, D ** -0.5)
+            return y.view(B, H, 1, D)
         if (self.plan.blas and mask is None and T > 1 and hand_backward(q, k, v) and q.dtype == torch.float32
                 and q.device.type == "cpu" and B * k.shape[1] >= torch.get_num_threads()):
             return CausalAttentionFn.apply(q, k, v, D ** -0.5)  # (B, H, T, D), laid out as (B, T, H, D)

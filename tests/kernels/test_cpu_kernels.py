@@ -667,3 +667,69 @@ def test_int4_gemv_is_the_product_with_the_unpacked_blocks(int4_built, m, dtype)
     assert torch.equal(y32[-1:], torch.ops.lmforge.int4_gemv(lin.packed, lin.scale, lin.minimum, x[-1:], True))
     with pytest.raises(RuntimeError, match=r"\(M <= 8, K\)"):
         torch.ops.lmforge.int4_gemv(lin.packed, lin.scale, lin.minimum, torch.zeros(9, 96))
+
+
+# ---- lmforge::decode_attention (one new token against the KV cache) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def attention_built():
+    if not build.load("decode_attention"):
+        pytest.skip("the kernel could not be built here (see the warning)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,K,G,S,D", [(1, 3, 3, 37, 64), (2, 2, 1, 5, 16), (3, 1, 8, 100, 136)])
+@pytest.mark.parametrize("mask", [None, "bool", "alibi"])
+def test_decode_attention_is_sdpa(attention_built, dtype, B, K, G, S, D, mask):
+    """SDPA's result in fp32 (to the output's rounding) for GQA/MHA/MQA shapes, a head_dim past 128 that is not a
+    multiple of 64, the cache read through a view of its first S slots, a padding mask or a per-head float bias."""
+    g = torch.Generator().manual_seed(S + D)
+    q = torch.randn(B, K, G, D, generator=g).to(dtype)
+    cache_k, cache_v = (torch.randn(B, K, S + 7, D, generator=g).to(dtype) for _ in range(2))
+    k, v = cache_k[:, :, :S], cache_v[:, :, :S]  # strided views, as the model passes its cache
+    m = None
+    if mask == "bool":
+        m = torch.rand(B, 1, 1, S, generator=g) > 0.3
+        m[..., -1] = True  # the new token always sees itself
+    elif mask == "alibi":
+        m = torch.randn(1, K, G, S, generator=g)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m)
+    got = torch.ops.lmforge.decode_attention(q, k, v, m, D ** -0.5)
+    assert got.dtype == dtype and got.shape == q.shape
+    tol = 2e-6 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_decode_attention_edge_cases_and_refusals(attention_built):
+    q, k = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 4, 8)
+    nothing = torch.zeros(1, 1, 2, 4, dtype=torch.bool)
+    nothing[0, 0, 1] = True  # row 0 sees no key: zeros (not NaN); row 1 sees them all
+    y = torch.ops.lmforge.decode_attention(q, k, k, nothing, 0.5)
+    assert torch.equal(y[0, 0, 0], torch.zeros(8))
+    torch.testing.assert_close(y[0, 0, 1], F.scaled_dot_product_attention(q, k, k, scale=0.5)[0, 0, 1])
+    with pytest.raises(RuntimeError, match="multiple of 8, got 6"):
+        torch.ops.lmforge.decode_attention(torch.randn(1, 1, 1, 6), torch.randn(1, 1, 3, 6), torch.randn(1, 1, 3, 6),
+                                           None, 1.0)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        torch.ops.lmforge.decode_attention(q, k.bfloat16(), k, None, 1.0)
+    with pytest.raises(RuntimeError, match="does not match"):
+        torch.ops.lmforge.decode_attention(q, torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8), None, 1.0)
+    with pytest.raises(RuntimeError, match="bool or float32"):
+        torch.ops.lmforge.decode_attention(q, k, k, torch.zeros(1, 1, 1, 4, dtype=torch.int64), 1.0)
+
+
+def test_a_decode_step_takes_the_kernel_and_keeps_its_tokens(attention_built, monkeypatch):
+    """generate() on an accelerated tiny GQA model: each decoding step's attention goes through the kernel, and
+    the tokens are those of the plain model (SDPA)."""
+    from lmforge.config import ModelConfig
+    from lmforge.generate import generate
+    from lmforge.model import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2)).eval()
+    want = generate(restore(model), [5, 6, 7], 12)[0]
+    accelerate(model, training=False)
+    calls = spy(monkeypatch, "decode_attention")
+    assert generate(model, [5, 6, 7], 12)[0] == want
+    assert len(calls) == 2 * 11  # 2 layers x the 11 steps after the prompt's
