@@ -1,6 +1,6 @@
 // y = x w'^T for one to eight rows x (decoding) and 4-bit weights in GGUF's Q4_0 / Q4_1 block layout: each
 // block of 32 inputs of a row is 16 bytes (value j in the low nibble of byte j, value j + 16 in its high
-// nibble) with an fp32 scale d and minimum m: w' = q * d + m.
+// nibble) with a scale d and minimum m (fp32, or fp16 as GGUF files hold them): w' = q * d + m.
 //
 // Why: a decode step reads every weight once; these weights are 4.5-5 bits each, a seventh of fp32's, so the
 // instructions per weight decide the speed. x is quantized to int16 blocks of 32 (qx.h) and each weight block's
@@ -26,8 +26,8 @@ inline void nibbles(const uint8_t* w, __m128i low, __m256i& w0, __m256i& w1) {
 }
 
 // Every row is summed in the same order whatever M is: a row's result does not depend on its batch.
-template <typename Out, int M>
-void gemv_rows(const uint8_t* W, const float* D, const float* Mn, const Rows& x, Out* y, int64_t N, int64_t K) {
+template <typename Out, int M, typename Sc>
+void gemv_rows(const uint8_t* W, const Sc* D, const Sc* Mn, const Rows& x, Out* y, int64_t N, int64_t K) {
   const int64_t B = K / 32;  // blocks per row
   const __m128i low = _mm_set1_epi8(0x0F);
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
@@ -63,8 +63,8 @@ void gemv_rows(const uint8_t* W, const float* D, const float* Mn, const Rows& x,
 // nibbles (values 0-15 of both) and shifted to the high ones (16-31), each multiplied by the x bytes laid out in
 // that order (qx.h's split_pairs): four vpdpbusd and a shift give both blocks' exact integer sums, lanes 0-3 the
 // first block's, 4-7 the second's; then one conversion and one multiply-add with the two blocks' scales.
-template <typename Out, int M>
-void gemv_pairs(const uint8_t* W, const float* D, const float* Mn, const Rows& x, Out* y, int64_t N, int64_t K) {
+template <typename Out, int M, typename Sc>
+void gemv_pairs(const uint8_t* W, const Sc* D, const Sc* Mn, const Rows& x, Out* y, int64_t N, int64_t K) {
   const int64_t B = K / 32, P = (B + 1) / 2;
   const Pairs xp = split_pairs(x, M, K);
   const __m256i low = _mm256_set1_epi8(0x0F);
@@ -72,7 +72,7 @@ void gemv_pairs(const uint8_t* W, const float* D, const float* Mn, const Rows& x
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const uint8_t* w = W + r * (K / 2);
-      const float* d = D + r * B;
+      const Sc* d = D + r * B;
       __m256 even[M], odd[M];
       float bias[M];
       for (int m = 0; m < M; ++m) {
@@ -84,9 +84,7 @@ void gemv_pairs(const uint8_t* W, const float* D, const float* Mn, const Rows& x
         const __m256i v = whole ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * p))
                                 : _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 32 * p)));
         const __m256i lo4 = _mm256_and_si256(v, low), hi4 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-        const __m128d dd = whole ? _mm_load_sd(reinterpret_cast<const double*>(d + 2 * p))
-                                 : _mm_castps_pd(_mm_load_ss(d + 2 * p));
-        const __m256 dw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castpd_ps(dd)), spread);
+        const __m256 dw = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(load2(d + 2 * p, !whole)), spread);
         for (int m = 0; m < M; ++m) {
           const __m256i* xb = reinterpret_cast<const __m256i*>(xp.b.data() + 128 * (m * P + p));
           __m256i h = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo4, _mm256_loadu_si256(xb));
@@ -106,9 +104,8 @@ void gemv_pairs(const uint8_t* W, const float* D, const float* Mn, const Rows& x
 }
 #endif
 
-template <typename Out>
-void dispatch(const uint8_t* W, const float* D, const float* Mn, const Rows& x, Out* y, int64_t M, int64_t N,
-              int64_t K) {
+template <typename Out, typename Sc>
+void dispatch(const uint8_t* W, const Sc* D, const Sc* Mn, const Rows& x, Out* y, int64_t M, int64_t N, int64_t K) {
 #ifdef LMFORGE_QX_VNNI
   with_rows(M, "int4_gemv", [&](auto rows) { gemv_pairs<Out, decltype(rows)::value>(W, D, Mn, x, y, N, K); });
 #else
@@ -124,8 +121,10 @@ at::Tensor int4_gemv(const at::Tensor& packed, const at::Tensor& scale, const at
                   packed.size(1) % 16 == 0, "int4_gemv: packed must be contiguous uint8 (N, K / 2), K a multiple of 32");
   const int64_t N = packed.size(0), K = packed.size(1) * 2, B = K / 32;
   for (const at::Tensor* t : {&scale, &minimum})
-    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
-                    t->size(1) == B, "int4_gemv: scale and minimum must be contiguous fp32 (N, K / 32)");
+    TORCH_CHECK((t->scalar_type() == at::kFloat || t->scalar_type() == at::kHalf) &&
+                    t->scalar_type() == scale.scalar_type() && t->is_contiguous() && t->dim() == 2 &&
+                    t->size(0) == N && t->size(1) == B,
+                "int4_gemv: scale and minimum must be contiguous (N, K / 32), both float32 or both float16");
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 8 && x.size(1) == K,
               "int4_gemv: x must be (M <= 8, K) with K = 2 * packed.size(1)");
   const auto dt = x.scalar_type();
@@ -134,10 +133,12 @@ at::Tensor int4_gemv(const at::Tensor& packed, const at::Tensor& scale, const at
   const Rows xq = quantize(to_float(x).data(), M, K);
   at::Tensor y = at::empty({M, N}, x.options().dtype(fp32_out ? at::kFloat : dt));
   const uint8_t* W = packed.const_data_ptr<uint8_t>();
-  const float *D = scale.const_data_ptr<float>(), *Mn = minimum.const_data_ptr<float>();
-  if (y.scalar_type() == at::kFloat) dispatch(W, D, Mn, xq, y.mutable_data_ptr<float>(), M, N, K);
-  else if (dt == at::kBFloat16) dispatch(W, D, Mn, xq, y.mutable_data_ptr<c10::BFloat16>(), M, N, K);
-  else dispatch(W, D, Mn, xq, y.mutable_data_ptr<c10::Half>(), M, N, K);
+  with_scales(scale, "int4_gemv", [&](auto* D) {
+    const auto* Mn = static_cast<decltype(D)>(minimum.const_data_ptr());
+    if (y.scalar_type() == at::kFloat) dispatch(W, D, Mn, xq, y.mutable_data_ptr<float>(), M, N, K);
+    else if (dt == at::kBFloat16) dispatch(W, D, Mn, xq, y.mutable_data_ptr<c10::BFloat16>(), M, N, K);
+    else dispatch(W, D, Mn, xq, y.mutable_data_ptr<c10::Half>(), M, N, K);
+  });
   return y;
 }
 

@@ -1,4 +1,5 @@
-// y = x (q * s)^T for one to eight rows x (decoding) and int8 weights q (N, K) with one fp32 scale per group
+// y = x (q * s)^T for one to eight rows x (decoding) and int8 weights q (N, K) with one scale (fp32, or fp16
+// as a GGUF file holds it) per group
 // of G inputs of a row (G = K: one scale per row, lmforge.quantize's int8; G = 32: GGUF's Q8_0 blocks); K and G
 // multiples of 32.
 //
@@ -23,8 +24,8 @@ using namespace lmforge_qx;
 // Lanes (VNNI builds, 2 to 8 rows): each int32 lane sums 4 consecutive values of a block, as vpdpbusd's do in
 // gemv_bytes (one row), so that a row's sum is the same to the bit alone or in a batch: the weight block's values
 // 0, 1, 4, 5, ... widened into w0 and 2, 3, 6, 7, ... into w1, against x permuted the same way (qx.h's lanes).
-template <typename Out, int M, bool Lanes = false>
-void gemv_rows(const int8_t* W, const float* S, const Rows& x, Out* y, int64_t N, int64_t K, int64_t G) {
+template <typename Out, int M, bool Lanes = false, typename Sc = float>
+void gemv_rows(const int8_t* W, const Sc* S, const Rows& x, Out* y, int64_t N, int64_t K, int64_t G) {
   const std::vector<int16_t> xl = Lanes ? lanes(x.q) : std::vector<int16_t>();
   const int16_t* xq = Lanes ? xl.data() : x.q.data();
   const __m256i pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
@@ -33,7 +34,7 @@ void gemv_rows(const int8_t* W, const float* S, const Rows& x, Out* y, int64_t N
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int8_t* w = W + r * K;
-      const float* s = S + r * (K / G);
+      const Sc* s = S + r * (K / G);
       __m256 even[M], odd[M];  // two chains of multiply-adds: even and odd blocks
       for (int m = 0; m < M; ++m) even[m] = odd[m] = _mm256_setzero_ps();
       auto block = [&](int64_t b, __m256* acc) {
@@ -47,7 +48,7 @@ void gemv_rows(const int8_t* W, const float* S, const Rows& x, Out* y, int64_t N
           const __m128i* q = reinterpret_cast<const __m128i*>(w + 32 * b);
           w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q)), w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(q + 1));
         }
-        const float scale = s[32 * b / G];
+        const float scale = static_cast<float>(s[32 * b / G]);
         for (int m = 0; m < M; ++m) {
           const __m256 p = _mm256_cvtepi32_ps(dot32(w0, w1, xq + m * K + 32 * b));
           acc[m] = _mm256_fmadd_ps(p, _mm256_set1_ps(scale * x.d[m * B + b]), acc[m]);
@@ -65,8 +66,8 @@ void gemv_rows(const int8_t* W, const float* S, const Rows& x, Out* y, int64_t N
 // The same sums with AVX512-VNNI and x in bytes (qx.h's split_blocks: hi + 128 unsigned, lo): a block's w . hi is
 // w . (hi + 128) minus 128 * (each 4 weights' sum), the latter once per block for every x row; shifted by 8, plus
 // lo . w: per x row two vpdpbusd, no widening.
-template <typename Out, int M>
-void gemv_bytes(const int8_t* W, const float* S, const Rows& x, Out* y, int64_t N, int64_t K, int64_t G) {
+template <typename Out, int M, typename Sc>
+void gemv_bytes(const int8_t* W, const Sc* S, const Rows& x, Out* y, int64_t N, int64_t K, int64_t G) {
   const int64_t B = K / 32;
   const std::vector<int8_t> xb = split_blocks(x, M, K);
   const __m256i k128 = _mm256_set1_epi8(static_cast<char>(0x80));
@@ -74,12 +75,12 @@ void gemv_bytes(const int8_t* W, const float* S, const Rows& x, Out* y, int64_t 
     std::vector<float> ds(M * B);  // each block's weight scale times each x row's dx
     for (int64_t r = begin; r < end; ++r) {
       const int8_t* w = W + r * K;
-      const float* s = S + r * (K / G);
+      const Sc* s = S + r * (K / G);
       __m256 even[M], odd[M];
       for (int m = 0; m < M; ++m) {
         even[m] = odd[m] = _mm256_setzero_ps();
         if (G == 32) scales(s, x.d.data() + m * B, ds.data() + m * B, B);
-        else for (int64_t b = 0; b < B; ++b) ds[m * B + b] = s[32 * b / G] * x.d[m * B + b];
+        else for (int64_t b = 0; b < B; ++b) ds[m * B + b] = static_cast<float>(s[32 * b / G]) * x.d[m * B + b];
       }
       auto block = [&](int64_t b, __m256* acc) {
         const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
@@ -101,14 +102,14 @@ void gemv_bytes(const int8_t* W, const float* S, const Rows& x, Out* y, int64_t 
 }
 #endif
 
-template <typename Out>
-void dispatch(const int8_t* W, const float* S, const Rows& x, Out* y, int64_t M, int64_t N, int64_t K, int64_t G) {
+template <typename Out, typename Sc>
+void dispatch(const int8_t* W, const Sc* S, const Rows& x, Out* y, int64_t M, int64_t N, int64_t K, int64_t G) {
 #ifdef LMFORGE_QX_VNNI
   // one row: x in bytes; more: the widened weights shared by the rows, in the same lanes (bit-identical sums)
-  if (M == 1) gemv_bytes<Out, 1>(W, S, x, y, N, K, G);
-  else with_rows(M, "int8_gemv", [&](auto rows) { gemv_rows<Out, decltype(rows)::value, true>(W, S, x, y, N, K, G); });
+  if (M == 1) gemv_bytes<Out, 1, Sc>(W, S, x, y, N, K, G);
+  else with_rows(M, "int8_gemv", [&](auto rows) { gemv_rows<Out, decltype(rows)::value, true, Sc>(W, S, x, y, N, K, G); });
 #else
-  with_rows(M, "int8_gemv", [&](auto rows) { gemv_rows<Out, decltype(rows)::value>(W, S, x, y, N, K, G); });
+  with_rows(M, "int8_gemv", [&](auto rows) { gemv_rows<Out, decltype(rows)::value, false, Sc>(W, S, x, y, N, K, G); });
 #endif
 }
 
@@ -117,9 +118,9 @@ at::Tensor int8_gemv(const at::Tensor& q, const at::Tensor& scales, const at::Te
   TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.is_contiguous() && q.size(1) % 32 == 0,
               "int8_gemv: q must be a contiguous int8 (N, K) matrix, K a multiple of 32");
   const int64_t N = q.size(0), K = q.size(1);
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 2 && scales.is_contiguous() &&
+  TORCH_CHECK((scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf) && scales.dim() == 2 && scales.is_contiguous() &&
                   scales.size(0) == N && scales.size(1) >= 1 && K % scales.size(1) == 0,
-              "int8_gemv: scales must be contiguous fp32 (N, K / G)");
+              "int8_gemv: scales must be contiguous float32 or float16 (N, K / G)");
   const int64_t G = K / scales.size(1);
   TORCH_CHECK(G % 32 == 0, "int8_gemv: the group size K / scales.size(1) must be a multiple of 32, got ", G);
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 8 && x.size(1) == K,
@@ -130,10 +131,11 @@ at::Tensor int8_gemv(const at::Tensor& q, const at::Tensor& scales, const at::Te
   const Rows xq = quantize(to_float(x).data(), M, K);
   at::Tensor y = at::empty({M, N}, x.options().dtype(fp32_out ? at::kFloat : dt));
   const int8_t* W = q.const_data_ptr<int8_t>();
-  const float* S = scales.const_data_ptr<float>();
-  if (y.scalar_type() == at::kFloat) dispatch(W, S, xq, y.mutable_data_ptr<float>(), M, N, K, G);
-  else if (dt == at::kBFloat16) dispatch(W, S, xq, y.mutable_data_ptr<c10::BFloat16>(), M, N, K, G);
-  else dispatch(W, S, xq, y.mutable_data_ptr<c10::Half>(), M, N, K, G);
+  with_scales(scales, "int8_gemv", [&](auto* S) {
+    if (y.scalar_type() == at::kFloat) dispatch(W, S, xq, y.mutable_data_ptr<float>(), M, N, K, G);
+    else if (dt == at::kBFloat16) dispatch(W, S, xq, y.mutable_data_ptr<c10::BFloat16>(), M, N, K, G);
+    else dispatch(W, S, xq, y.mutable_data_ptr<c10::Half>(), M, N, K, G);
+  });
   return y;
 }
 

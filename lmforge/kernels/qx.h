@@ -142,21 +142,43 @@ void with_rows(int64_t M, const char* name, F&& f) {
 
 inline float hsum(__m256 v);
 
+// 8 block scales as fp32: the weights' scales and minimums are fp32, or fp16 as GGUF files hold them
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+// 2 (or, `one`, 1) of them in the low lanes
+inline __m128 load2(const float* p, bool one) {
+  return one ? _mm_load_ss(p) : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
+}
+inline __m128 load2(const c10::Half* p, bool one) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(p);
+  return _mm_cvtph_ps(_mm_cvtsi32_si128(one ? h[0] : h[0] | (static_cast<int>(h[1]) << 16)));
+}
+
 // out[b] = a[b] * c[b] for b < n (each block's weight scale times its x scale), 8 at a time
-inline void scales(const float* a, const float* c, float* out, int64_t n) {
+template <typename Sc>
+inline void scales(const Sc* a, const float* c, float* out, int64_t n) {
   int64_t b = 0;
-  for (; b + 8 <= n; b += 8) _mm256_storeu_ps(out + b, _mm256_mul_ps(_mm256_loadu_ps(a + b), _mm256_loadu_ps(c + b)));
-  for (; b < n; ++b) out[b] = a[b] * c[b];
+  for (; b + 8 <= n; b += 8) _mm256_storeu_ps(out + b, _mm256_mul_ps(load8(a + b), _mm256_loadu_ps(c + b)));
+  for (; b < n; ++b) out[b] = static_cast<float>(a[b]) * c[b];
 }
 
 // sum of a[b] * c[b] for b < n, 8 at a time (off the blocks' dependency chain)
-inline float dot(const float* a, const float* c, int64_t n) {
+template <typename Sc>
+inline float dot(const Sc* a, const float* c, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t b = 0;
-  for (; b + 8 <= n; b += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + b), _mm256_loadu_ps(c + b), acc);
+  for (; b + 8 <= n; b += 8) acc = _mm256_fmadd_ps(load8(a + b), _mm256_loadu_ps(c + b), acc);
   float s = hsum(acc);
-  for (; b < n; ++b) s += a[b] * c[b];
+  for (; b < n; ++b) s += static_cast<float>(a[b]) * c[b];
   return s;
+}
+
+// f(scale pointer) with the weights' fp32 or fp16 scales (name: the op, for the error)
+template <typename F>
+void with_scales(const at::Tensor& scale, const char* name, F&& f) {
+  if (scale.scalar_type() == at::kFloat) return f(scale.const_data_ptr<float>());
+  TORCH_CHECK(scale.scalar_type() == at::kHalf, name, ": scales must be float32 or float16");
+  return f(scale.const_data_ptr<c10::Half>());
 }
 
 inline float hsum(__m256 v) {

@@ -603,6 +603,21 @@ def test_int8_gemv_is_the_product_with_the_scaled_weight(int8_built, group, m, d
     assert torch.equal(y32[-1:], torch.ops.lmforge.int8_gemv(q, s, x[-1:], True))  # a row alone, the same sum
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_the_quantized_gemvs_take_fp16_scales_as_their_fp32_values(int8_built, int4_built, m):
+    """GGUF's fp16 block scales (and minimums) held as they are: the same sums to the bit as their fp32 values."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 96, generator=g)
+    q8, s = torch.randint(-128, 128, (70, 96), generator=g, dtype=torch.int8), torch.rand(70, 3, generator=g).half()
+    assert torch.equal(torch.ops.lmforge.int8_gemv(q8, s, x, True), torch.ops.lmforge.int8_gemv(q8, s.float(), x, True))
+    packed = torch.randint(0, 256, (70, 48), generator=g, dtype=torch.uint8)
+    mn = torch.randn(70, 3, generator=g).half()
+    assert torch.equal(torch.ops.lmforge.int4_gemv(packed, s, mn, x, True),
+                       torch.ops.lmforge.int4_gemv(packed, s.float(), mn.float(), x, True))
+    with pytest.raises(RuntimeError, match="both float32 or both float16"):
+        torch.ops.lmforge.int4_gemv(packed, s, mn.float(), x)
+
+
 def test_int8_gemv_refuses_what_it_does_not_compute(int8_built):
     q, s, x = torch.zeros(4, 64, dtype=torch.int8), torch.ones(4, 1), torch.zeros(1, 64)
     with pytest.raises(RuntimeError, match="contiguous int8"):
