@@ -66,7 +66,7 @@ void gemv_rows(const uint8_t* W, const Sc* D, const Sc* Mn, const Rows& x, Out* 
 template <typename Out, int M, typename Sc>
 void gemv_pairs(const uint8_t* W, const Sc* D, const Sc* Mn, const Rows& x, Out* y, int64_t N, int64_t K) {
   const int64_t B = K / 32, P = (B + 1) / 2;
-  const Pairs xp = split_pairs(x, M, K);
+  const Pairs& xp = split_pairs(x, M, K);
   const __m256i low = _mm256_set1_epi8(0x0F);
   const __m256i spread = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
@@ -130,7 +130,7 @@ at::Tensor int4_gemv(const at::Tensor& packed, const at::Tensor& scale, const at
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "int4_gemv: x float32, bfloat16 or float16");
   const int64_t M = x.size(0);
-  const Rows xq = quantize(to_float(x).data(), M, K);
+  const Rows& xq = quantize(x);
   at::Tensor y = at::empty({M, N}, x.options().dtype(fp32_out ? at::kFloat : dt));
   const uint8_t* W = packed.const_data_ptr<uint8_t>();
   with_scales(scale, "int4_gemv", [&](auto* D) {

@@ -26,8 +26,7 @@ using namespace lmforge_qx;
 // 0, 1, 4, 5, ... widened into w0 and 2, 3, 6, 7, ... into w1, against x permuted the same way (qx.h's lanes).
 template <typename Out, int M, bool Lanes = false, typename Sc = float>
 void gemv_rows(const int8_t* W, const Sc* S, const Rows& x, Out* y, int64_t N, int64_t K, int64_t G) {
-  const std::vector<int16_t> xl = Lanes ? lanes(x.q) : std::vector<int16_t>();
-  const int16_t* xq = Lanes ? xl.data() : x.q.data();
+  const int16_t* xq = Lanes ? lanes(x.q).data() : x.q.data();
   const __m256i pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
                                         0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
   const int64_t B = K / 32;
@@ -69,7 +68,7 @@ void gemv_rows(const int8_t* W, const Sc* S, const Rows& x, Out* y, int64_t N, i
 template <typename Out, int M, typename Sc>
 void gemv_bytes(const int8_t* W, const Sc* S, const Rows& x, Out* y, int64_t N, int64_t K, int64_t G) {
   const int64_t B = K / 32;
-  const std::vector<int8_t> xb = split_blocks(x, M, K);
+  const std::vector<int8_t>& xb = split_blocks(x, M, K);
   const __m256i k128 = _mm256_set1_epi8(static_cast<char>(0x80));
   at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
     std::vector<float> ds(M * B);  // each block's weight scale times each x row's dx
@@ -128,7 +127,7 @@ at::Tensor int8_gemv(const at::Tensor& q, const at::Tensor& scales, const at::Te
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "int8_gemv: x float32, bfloat16 or float16");
   const int64_t M = x.size(0);
-  const Rows xq = quantize(to_float(x).data(), M, K);
+  const Rows& xq = quantize(x);
   at::Tensor y = at::empty({M, N}, x.options().dtype(fp32_out ? at::kFloat : dt));
   const int8_t* W = q.const_data_ptr<int8_t>();
   with_scales(scales, "int8_gemv", [&](auto* S) {

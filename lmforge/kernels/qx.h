@@ -27,20 +27,47 @@ struct Rows {
   std::vector<float> d, sum;
 };
 
-inline Rows quantize(const float* x, int64_t M, int64_t K) {
-  const int64_t B = K / 32;
-  Rows r{std::vector<int16_t>(M * K), std::vector<float>(M * B), std::vector<float>(M * B)};
+// x (M, K) of float32 / bfloat16 / float16 (K a multiple of 32) quantized, 32 values at a time in registers (the
+// same rounding as std::nearbyint: MXCSR's nearest-even). Held per thread and reused by the next call (a decode
+// step makes ~150 of these; no allocation each time).
+inline const Rows& quantize(const at::Tensor& x) {
+  thread_local Rows r;
+  thread_local std::vector<float> xf;
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), B = K / 32;
+  const float* src;
+  if (xc.scalar_type() == at::kFloat) {
+    src = xc.const_data_ptr<float>();
+  } else {
+    xf.resize(M * K);
+    auto copy = [&](auto* p) { for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(p[i]); };
+    if (xc.scalar_type() == at::kBFloat16) copy(xc.const_data_ptr<c10::BFloat16>());
+    else copy(xc.const_data_ptr<c10::Half>());
+    src = xf.data();
+  }
+  r.q.resize(M * K), r.d.resize(M * B), r.sum.resize(M * B);
+  const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t i = 0; i < M * B; ++i) {
-    const float* v = x + 32 * i;
-    float amax = 0.f;
-    for (int j = 0; j < 32; ++j) amax = std::fmax(amax, std::fabs(v[j]));
-    const float d = amax / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
-    int sum = 0;
-    for (int j = 0; j < 32; ++j) {
-      const int q = static_cast<int>(std::nearbyint(v[j] * inv));
-      r.q[32 * i + j] = static_cast<int16_t>(q), sum += q;
-    }
-    r.d[i] = d, r.sum[i] = d * static_cast<float>(sum);
+    const float* v = src + 32 * i;
+    const __m256 a0 = _mm256_loadu_ps(v), a1 = _mm256_loadu_ps(v + 8), a2 = _mm256_loadu_ps(v + 16),
+                 a3 = _mm256_loadu_ps(v + 24);
+    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, a0), _mm256_andnot_ps(sign, a1)),
+                                   _mm256_max_ps(_mm256_andnot_ps(sign, a2), _mm256_andnot_ps(sign, a3)));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float d = _mm_cvtss_f32(h) / 32767.f, inv = d > 0.f ? 1.f / d : 0.f;
+    const __m256 vi = _mm256_set1_ps(inv);
+    const __m256i q0 = _mm256_cvtps_epi32(_mm256_mul_ps(a0, vi)), q1 = _mm256_cvtps_epi32(_mm256_mul_ps(a1, vi)),
+                  q2 = _mm256_cvtps_epi32(_mm256_mul_ps(a2, vi)), q3 = _mm256_cvtps_epi32(_mm256_mul_ps(a3, vi));
+    __m256i* out = reinterpret_cast<__m256i*>(r.q.data() + 32 * i);
+    _mm256_storeu_si256(out, _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8));
+    _mm256_storeu_si256(out + 1, _mm256_permute4x64_epi64(_mm256_packs_epi32(q2, q3), 0xD8));
+    const __m256i s8 = _mm256_add_epi32(_mm256_add_epi32(q0, q1), _mm256_add_epi32(q2, q3));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s8), _mm256_extracti128_si256(s8, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+    r.d[i] = d, r.sum[i] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
   }
   return r;
 }
@@ -53,8 +80,9 @@ inline Rows quantize(const float* x, int64_t M, int64_t K) {
 
 // The bytes of q in plain block order, for int8 weights: per row m and block b, 32 bytes hi + 128 (unsigned: vpdpbusd
 // wants one unsigned side, and int8 weights are signed) then 32 bytes lo.
-inline std::vector<int8_t> split_blocks(const Rows& r, int64_t M, int64_t K) {
-  std::vector<int8_t> s(M * K * 2);
+inline const std::vector<int8_t>& split_blocks(const Rows& r, int64_t M, int64_t K) {
+  thread_local std::vector<int8_t> s;
+  s.resize(M * K * 2);
   for (int64_t i = 0; i < M * K / 32; ++i) {
     const int16_t* q = r.q.data() + 32 * i;
     int8_t* o = s.data() + 64 * i;
@@ -65,8 +93,9 @@ inline std::vector<int8_t> split_blocks(const Rows& r, int64_t M, int64_t K) {
 
 // q with each block's values reordered 0 1 4 5 8 9 .. 28 29, 2 3 6 7 .. 30 31: paired so by vpmaddwd, the two
 // halves' int32 lanes each sum 4 consecutive values, as vpdpbusd's lanes do
-inline std::vector<int16_t> lanes(const std::vector<int16_t>& q) {
-  std::vector<int16_t> o(q.size());
+inline const std::vector<int16_t>& lanes(const std::vector<int16_t>& q) {
+  thread_local std::vector<int16_t> o;
+  o.resize(q.size());
   for (size_t i = 0; i < q.size(); i += 32)
     for (int j = 0; j < 8; ++j)
       o[i + 2 * j] = q[i + 4 * j], o[i + 2 * j + 1] = q[i + 4 * j + 1],
@@ -83,9 +112,10 @@ struct Pairs {
   std::vector<float> d;
 };
 
-inline Pairs split_pairs(const Rows& r, int64_t M, int64_t K) {
+inline const Pairs& split_pairs(const Rows& r, int64_t M, int64_t K) {
   const int64_t B = K / 32, P = (B + 1) / 2;
-  Pairs s{std::vector<int8_t>(M * P * 128), std::vector<float>(M * P * 8, 0.f)};
+  thread_local Pairs s;
+  s.b.assign(M * P * 128, 0), s.d.assign(M * P * 8, 0.f);  // (a missing last block: zeros)
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < B; ++b) {
       const int16_t* q = r.q.data() + m * K + 32 * b;
@@ -100,17 +130,6 @@ inline Pairs split_pairs(const Rows& r, int64_t M, int64_t K) {
   return s;
 }
 #endif
-
-// x (M, K) of float32 / bfloat16 / float16 as fp32
-inline std::vector<float> to_float(const at::Tensor& x) {
-  const at::Tensor xc = x.contiguous();
-  std::vector<float> out(xc.numel());
-  auto copy = [&](auto* p) { for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(p[i]); };
-  if (xc.scalar_type() == at::kFloat) copy(xc.const_data_ptr<float>());
-  else if (xc.scalar_type() == at::kBFloat16) copy(xc.const_data_ptr<c10::BFloat16>());
-  else copy(xc.const_data_ptr<c10::Half>());
-  return out;
-}
 
 // the 32 products w . x of a block, as 8 int32 partial sums: w0, x0 its first 16 values, w1, x1 the rest (int16;
 // |w| <= 128 and |x| <= 32767: 32 products stay far inside int32)
