@@ -7,7 +7,7 @@
 // for one token it costs ~20 us a layer at S = 128 (SmolLM2: ~0.6 ms of a ~6 ms quantized decode step), where
 // reading the K/V head once for its G rows takes a few. Each key row is read once for all G rows: G dot products,
 // then each value row once into G fp32 accumulators (registers for D <= 128). The (B, K) heads go over ATen's
-// thread pool only when they hold enough work to pay for waking it.
+// thread pool when they hold enough work to pay for waking it (2 threads, 3 heads: 9.6 us at 128 keys, 11.6 on one).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
@@ -52,8 +52,8 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const
   const float* mf = mask && !boolean ? m.const_data_ptr<float>() : nullptr;
   const bool* mb = boolean ? m.const_data_ptr<bool>() : nullptr;
   const float sc = static_cast<float>(scale), neg_inf = -std::numeric_limits<float>::infinity();
-  // heads split over threads from ~64 K multiply-adds each (below, waking a thread costs more than it saves)
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, 2 * S * D * G));
+  // heads split over threads from ~8 K multiply-adds each (below, waking a thread costs more than it saves)
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 13) / std::max<int64_t>(1, 2 * S * D * G));
   at::parallel_for(0, B * K, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> p(G * S), acc(G * D), qf(D), inv(G);
     for (int64_t bk = begin; bk < end; ++bk) {
