@@ -4,9 +4,9 @@
 //
 // Why: a decode step reads every weight once; these weights are 4.5-5 bits each, a seventh of fp32's, so the
 // instructions per weight decide the speed. x is quantized to int16 blocks of 32 (qx.h) and each weight block's
-// sum is the integer dot q . qx (two or three instructions for 32 products) times d * dx, plus m times the
-// block's sum of the quantized x. Weight rows are split over ATen's own thread pool; sums are fp32, rounded once to the
-// output dtype, or kept fp32 with fp32_out (the LM head).
+// sum is the integer dot q . qx (two or three instructions for 32 products; with VNNI four vpdpbusd for two
+// blocks) times d * dx, plus m times the block's sum of the quantized x. Weight rows are split over ATen's own
+// thread pool; sums are fp32, rounded once to the output dtype, or kept fp32 with fp32_out (the LM head).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>

@@ -1,5 +1,6 @@
 // Shared by the quantized GEMVs (int8_gemv.cpp, int4_gemv.cpp): activations as int16 in blocks of 32, and the
-// integer dot product of a block of 32 weights (widened to int16) with them.
+// integer dot product of a block of 32 weights (widened to int16) with them; on AVX512-VNNI CPUs the int16 split
+// into bytes for vpdpbusd (no widening of the weights, the same exact sums: split_blocks, split_pairs below).
 //
 // Why: a decode step multiplies every weight once. Converting each weight to fp32 and multiplying in fp32 costs
 // more instructions than the weight costs to read. In integers, 16 products and their pairwise sums are one
