@@ -2,11 +2,12 @@
 replaces every `nn.Linear` by an `Int8Linear` (one int8 per weight, one scale per output row), and
 `quantize(model, "int4", group_size=32)` by an `Int4Linear` (4 bits per weight, a scale and a minimum per
 group of `group_size` inputs, in GGUF's Q4_1 layout), and `load_gguf_blocks(model, path)` keeps a GGUF
-file's own Q8_0 / Q4_0 / Q4_1 blocks, with their fp16 scales (the file's size in memory). Activations stay in the model's dtype. On CPU, up to 64 rows
-(decoding, short prompts; 8 a call) go through lmforge's own kernels (`kernels/int8_gemv.cpp`,
-`kernels/int4_gemv.cpp`, loaded by these functions), which read the activations as int16 blocks of 32 (1 part
-in 65534 of a block's largest value: `kernels/qx.h`) for integer products; longer int8 prompts through torch's
-`_weight_int8pack_mm`; the rest through the weight unpacked for the product (correct, not fast).
+file's own Q8_0 / Q4_0 / Q4_1 blocks, with their fp16 scales (the file's size in memory). Activations stay in
+the model's dtype. On CPU, up to 64 rows (decoding, short prompts; 8 a call) go through lmforge's own kernels
+(`kernels/int8_gemv.cpp`, `kernels/int4_gemv.cpp`, loaded by these functions), which read the activations as
+int16 blocks of 32 (1 part in 65534 of a block's largest value: `kernels/qx.h`) for integer products; longer
+int8 prompts through torch's `_weight_int8pack_mm`; the rest through the weight unpacked for the product
+(correct, not fast).
 
 Norms (and an untied model's embedding) stay as they are. A tied model's LM head is quantized, and its
 embedding then reads the same quantized table (`QuantEmbedding`): the weights are held once, at their
@@ -35,10 +36,10 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.contiguous(), requires_grad=False)
 
 
-def _scales(t: torch.Tensor) -> torch.Tensor:
-    """Block scales as the kernels take them: fp16 as given (a GGUF file's own: 2 bytes a block, not 4, on every
-    decoded token), anything else as fp32."""
-    return t if t.dtype == torch.float16 else t.float()
+def _scales(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A module's block scales (and minimums) as the kernels take them, one dtype for all: fp16 where all are
+    given so (a GGUF file's own: 2 bytes a block, not 4, on every decoded token), else fp32."""
+    return ts if all(t.dtype == torch.float16 for t in ts) else tuple(t.float() for t in ts)
 
 
 def _as_fp16(t: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ class Int8Linear(nn.Module):
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.q = _frozen(q.to(torch.int8))  # (out, in)
-        self.scale = _frozen(_scales(scale).reshape(q.shape[0], -1))  # (out, in / G)
+        self.scale = _frozen(_scales(scale)[0].reshape(q.shape[0], -1))  # (out, in / G)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.out_features, self.in_features = q.shape
 
@@ -118,9 +119,9 @@ class Int4Linear(nn.Module):
         blocks = q.to(torch.uint8).view(out, k // 32, 32)  # (out, in / 32, 32)
         packed = blocks[..., :16] | (blocks[..., 16:] << 4)  # (out, in / 32, 16)
         self.packed = _frozen(packed.reshape(out, k // 2))  # (out, in / 2)
-        fp16 = scale.dtype == minimum.dtype == torch.float16
-        self.scale = _frozen((scale if fp16 else scale.float()).reshape(out, -1))  # (out, in / 32)
-        self.minimum = _frozen((minimum if fp16 else minimum.float()).reshape(out, -1))  # (out, in / 32)
+        scale, minimum = _scales(scale, minimum)
+        self.scale = _frozen(scale.reshape(out, -1))  # (out, in / 32)
+        self.minimum = _frozen(minimum.reshape(out, -1))  # (out, in / 32)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = k, out
 
@@ -238,10 +239,7 @@ def load_gguf_blocks(model: nn.Module, path) -> nn.Module:
             new = Int8Linear(q, scale, child.bias)
             new.kernel = kernel
         else:
-            minimum = _as_fp16(torch.cat([p.minimum for p in parts]))
-            if minimum.dtype != scale.dtype:  # (Q4_0's -8 * scale past fp16's range)
-                scale, minimum = scale.float(), minimum.float()
-            new = Int4Linear(q, scale, minimum, child.bias)
+            new = Int4Linear(q, scale, _as_fp16(torch.cat([p.minimum for p in parts])), child.bias)
             new.kernel = kernel4
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         setattr(parent, name.rpartition(".")[2], new.to(child.weight.device))

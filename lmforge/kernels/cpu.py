@@ -113,8 +113,9 @@ def make_plan(device: torch.device, dtype: torch.dtype, training: bool, cpu_kern
               blas: str | None = None) -> Plan:
     """The plan for a model on `device` in `dtype`. Loads (building on first use) the kernels this use needs:
     for training the fused kernels and OpenBLAS where chosen, compiled in parallel; for inference OpenBLAS
-    (fp32 prompts), the half-precision GEMV (emulated bf16/fp16) and the decoding attention. A kernel another use loaded is used too
-    (harmless: each applies only where it fits), so a generation inside training never turns training's off."""
+    (fp32 prompts), the half-precision GEMV (emulated bf16/fp16) and the decoding attention. A kernel another use
+    loaded is used too (harmless: each applies only where it fits), so a generation inside training never turns
+    training's off."""
     if device.type != "cpu":
         return _PLANS.setdefault(Plan(), Plan())
     allowed = build.kernels_allowed(cpu_kernels)

@@ -14,25 +14,13 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include "vec8.h"
+
 #include <vector>
 
 namespace {
 
-inline __m256 load8(const c10::BFloat16* p) {
-  __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
-
-inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using namespace lmforge_vec;
 
 // M = 1..8 rows of x (decoding one sequence or a small batch, a short prompt): each weight row is read once,
 // for all M rows (SmolLM2's head on a 2-core EPYC: oneDNN 5.2 / 8.5 / 15.7 / 31.3 ms for 1 / 2 / 4 / 8 rows,

@@ -125,7 +125,7 @@ class BlasAttention(SoftmaxAttention):
             y = torch.ops.lmforge.decode_attention(q.reshape(B, K, H // K, D), k, v, mask, D ** -0.5)
             return y.view(B, H, 1, D)
         if (self.plan.blas and mask is None and T > 1 and hand_backward(q, k, v) and q.dtype == torch.float32
-                and q.device.type == "cpu" and B * k.shape[1] >= torch.get_num_threads()):
+                and q.device.type == "cpu" and B * K >= torch.get_num_threads()):
             return CausalAttentionFn.apply(q, k, v, D ** -0.5)  # (B, H, T, D), laid out as (B, T, H, D)
         return super().forward(q, k, v, mask)
 

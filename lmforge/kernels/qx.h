@@ -15,11 +15,16 @@
 #include <c10/util/Half.h>
 #include <immintrin.h>
 
+#include "vec8.h"
+
 #include <cmath>
 #include <type_traits>
 #include <vector>
 
 namespace lmforge_qx {
+
+using lmforge_vec::hsum;
+using lmforge_vec::load8;
 
 // M rows of K activations (K a multiple of 32) as int16 blocks: q (M, K), d and the block's sum of d * q
 // (M, K / 32), x' = d * q with d = max |x| / 32767. The sum is of x', so that a product is exactly w . x'.
@@ -160,12 +165,8 @@ void with_rows(int64_t M, const char* name, F&& f) {
   }
 }
 
-inline float hsum(__m256 v);
-
-// 8 block scales as fp32: the weights' scales and minimums are fp32, or fp16 as GGUF files hold them
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-// 2 (or, `one`, 1) of them in the low lanes
+// 2 (or, `one`, 1) block scales as fp32 in the low lanes: the weights' scales and minimums are fp32, or fp16 as
+// GGUF files hold them (8 at a time: vec8.h's load8)
 inline __m128 load2(const float* p, bool one) {
   return one ? _mm_load_ss(p) : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(p)));
 }
@@ -199,13 +200,6 @@ void with_scales(const at::Tensor& scale, const char* name, F&& f) {
   if (scale.scalar_type() == at::kFloat) return f(scale.const_data_ptr<float>());
   TORCH_CHECK(scale.scalar_type() == at::kHalf, name, ": scales must be float32 or float16");
   return f(scale.const_data_ptr<c10::Half>());
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 }  // namespace lmforge_qx
