@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lmforge.kernels import accelerate
+from lmforge.kernels.step import native_step
 from lmforge.model import Transformer
 from lmforge.utils import placement_errors
 
@@ -149,8 +150,13 @@ def make_step(model: Transformer, compile: bool, key_valid: torch.Tensor, offset
               prompt_len: int) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
     """The decode step of one generate() call: step(token (B, 1), pos (1,), t) -> logits (B, vocab), t the
     steps taken before. key_valid (B, L) is False at pad slots; offsets (B, 1) the left-pad counts (None: no
-    padding). Eager, the step attends to the filled slots; compiled, to the whole cache with CUDA graphs
-    (fixed shapes) or to the filled slots with a dynamic length on CPU (one graph)."""
+    padding). A model `kernels.step` covers (fp32 on CPU, LLaMA-family, quantized or not) runs the whole step
+    in one C++ call, compile or not; otherwise eager, the step attends to the filled slots; compiled, to the
+    whole cache with CUDA graphs (fixed shapes) or to the filled slots with a dynamic length on CPU (one graph)."""
+    native = native_step(model, key_valid.shape[0]) if key_valid.device.type == "cpu" else None
+    if native is not None:  # a covered fp32 CPU model: the whole step in one C++ call (kernels/step.py)
+        off = None if offsets is None else offsets.reshape(-1)
+        return lambda token, pos, t: native(token, pos, None if offsets is None else key_valid, off)
     if not compile:
         if offsets is None:
             return lambda token, pos, t: decode_one_token(model, token, pos)

@@ -365,7 +365,7 @@ def test_sigterm_lets_the_stream_in_flight_finish(tiny_folder, tmp_path):
     )
     cmd = [sys.executable, "-c", script, "serve", "--model", str(tiny_folder), "--port", str(port),
            "--model-name", "tiny", "--context", "64", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "LMFORGE_CPU_KERNELS": "0"}  # steps through the slowed forward
     env.pop("LMFORGE_API_KEY", None)  # no key: this test is about shutting down
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

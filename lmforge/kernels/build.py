@@ -23,7 +23,7 @@ ENV_KERNELS = "LMFORGE_CPU_KERNELS"  # =0: never build or use lmforge's C++ kern
 _CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 # ATen's Vectorized<float> as 8-wide AVX2 (the code any AVX2 or AVX-512 CPU runs)
 _VEC_AVX2 = ("-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2")
-_EXTRA_CFLAGS = {"fused": _VEC_AVX2, "blas_mm": _VEC_AVX2, "decode_attention": _VEC_AVX2}
+_EXTRA_CFLAGS = {"fused": _VEC_AVX2, "blas_mm": _VEC_AVX2, "decode_attention": _VEC_AVX2, "decode_step": _VEC_AVX2}
 # the quantized GEMVs' integer dot products: AVX512-VNNI's multiply-and-add where the CPU has it (qx.h), else AVX2's
 _VNNI = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
 
@@ -44,8 +44,8 @@ def cpu_flags() -> frozenset[str]:
 
 
 def _extra_cflags(name: str) -> tuple[str, ...]:
-    if name in ("int8_gemv", "int4_gemv") and {"avx512_vnni", "avx512vl", "avx512bw"} <= cpu_flags():
-        return _VNNI
+    if name in ("int8_gemv", "int4_gemv", "decode_step") and {"avx512_vnni", "avx512vl", "avx512bw"} <= cpu_flags():
+        return _VNNI + _EXTRA_CFLAGS.get(name, ())
     return _EXTRA_CFLAGS.get(name, ())
 
 
@@ -98,11 +98,21 @@ def build_args(name: str) -> tuple[tuple[str, ...], str] | None:
             f"scipy-openblas32 {scipy_openblas32.__version__}")
 
 
+def _registered(name: str) -> bool:
+    """Whether library `name`'s ops (or its class) are registered in this process already."""
+    if name in _CLASSES:
+        try:
+            return getattr(torch.classes.lmforge, _CLASSES[name]) is not None
+        except (AttributeError, RuntimeError):
+            return False
+    return hasattr(torch.ops.lmforge, _FAKES[name][0][0])
+
+
 def build(name: str, ldflags: tuple[str, ...] = (), versions: str = "") -> bool:
     """Builds (or finds built) and loads the library `name`.cpp; False if it was loaded already."""
     from torch.utils.cpp_extension import load as load_extension
 
-    if hasattr(torch.ops.lmforge, _FAKES[name][0][0]):
+    if _registered(name):
         return False
     ext, cflags, built = _library(name, ldflags, versions)
     if not built.exists() and name not in _building:  # (a prebuild process says so itself)
@@ -170,6 +180,8 @@ def _attention_backward_fake(grad, q, k, v, out, lse, scale):
     return tuple(t.new_empty((t.shape[0], t.shape[2], t.shape[1], t.shape[3])).permute(0, 2, 1, 3) for t in (q, k, v))
 
 
+_CLASSES = {"decode_step": "DecodeStep"}  # libraries that register a class (torch.classes.lmforge.*), no op
+
 # each library's ops and their shape functions (for torch.compile), registered once it is loaded
 _FAKES = {
     "half_gemv": [("half_gemv", _half_gemv_fake)],
@@ -178,6 +190,7 @@ _FAKES = {
     "int4_gemv": [("int4_gemv", lambda packed, scale, minimum, x, fp32_out=False: x.new_empty(
         (x.shape[0], packed.shape[0]), dtype=torch.float32 if fp32_out else x.dtype))],
     "decode_attention": [("decode_attention", lambda q, k, v, mask, scale: q.new_empty(q.shape))],
+    "decode_step": [],
     "fused": [("silu_mul", lambda gate, up: gate.new_empty(gate.shape)),
               ("silu_mul_backward_", lambda d, grad, gate, up: None),
               ("softmax_xent_", lambda z, labels, ignore_index: z.new_empty(z.shape[:1])),

@@ -1,125 +1,12 @@
-// out = softmax(q k^T * scale + mask) v for decoding: a few query rows per K/V head (GQA's G query heads that
-// share it; one new token) against the S cached keys. q (B, K, G, D); k, v (B, K, S, D) with any strides but a
-// contiguous last dim (views of the KV cache); mask broadcastable to (B, K, G, S): bool (false: not seen) or
-// float (added: ALiBi, padding). fp32 / bf16 / fp16, the same for q, k and v; sums in fp32.
-//
-// Why: torch's SDPA for CPU runs a flash-attention loop built for long query blocks, with a GEMM call per block;
-// for one token it costs ~20 us a layer at S = 128 (SmolLM2: ~0.6 ms of a ~6 ms quantized decode step), where
-// reading the K/V head once for its G rows takes a few. Each key row is read once for all G rows: G dot products,
-// then each value row once into G fp32 accumulators (registers for D <= 128). The (B, K) heads go over ATen's
-// thread pool when they hold enough work to pay for waking it (2 threads, 3 heads: 9.6 us at 128 keys, 11.6 on one).
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/cpu/vec/vec.h>
+// The op lmforge::decode_attention (the kernel and why: decode_attention.h).
 #include <ATen/ops/empty.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <immintrin.h>
 #include <torch/library.h>
 
-#include "vec8.h"
-
-#include <cmath>
-#include <limits>
-#include <vector>
+#include "decode_attention.h"
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-using namespace lmforge_vec;
-
-
-template <typename T>
-void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor* mask, double scale,
-            at::Tensor& out) {
-  const int64_t B = q.size(0), K = q.size(1), G = q.size(2), D = q.size(3), S = k.size(2), C = D / 8;
-  const T *Q = q.const_data_ptr<T>(), *Kp = k.const_data_ptr<T>(), *Vp = v.const_data_ptr<T>();
-  T* O = out.mutable_data_ptr<T>();
-  const auto qs = q.strides(), ks = k.strides(), vs = v.strides(), os = out.strides();
-  at::Tensor m = mask ? mask->expand({B, K, G, S}) : at::Tensor();
-  const bool boolean = mask && m.scalar_type() == at::kBool;
-  const auto ms = mask ? m.strides() : at::IntArrayRef();
-  const float* mf = mask && !boolean ? m.const_data_ptr<float>() : nullptr;
-  const bool* mb = boolean ? m.const_data_ptr<bool>() : nullptr;
-  const float sc = static_cast<float>(scale), neg_inf = -std::numeric_limits<float>::infinity();
-  // heads split over threads from ~8 K multiply-adds each (below, waking a thread costs more than it saves)
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 13) / std::max<int64_t>(1, 2 * S * D * G));
-  at::parallel_for(0, B * K, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> p(G * S), acc(G * D), qf(D), inv(G);
-    for (int64_t bk = begin; bk < end; ++bk) {
-      const int64_t b = bk / K, h = bk % K;
-      const T* kh = Kp + b * ks[0] + h * ks[1];
-      const T* vh = Vp + b * vs[0] + h * vs[1];
-      for (int64_t g = 0; g < G; ++g) {  // scores: 4 keys at a time (independent chains of multiply-adds)
-        const T* qr = Q + b * qs[0] + h * qs[1] + g * qs[2];
-        for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(qr[d]) * sc;
-        float* pg = p.data() + g * S;
-        int64_t s = 0;
-        for (; s + 4 <= S; s += 4) {
-          __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-          const T *k0 = kh + s * ks[2], *k1 = k0 + ks[2], *k2 = k1 + ks[2], *k3 = k2 + ks[2];
-          for (int64_t c = 0; c < C; ++c) {
-            const __m256 qc = _mm256_loadu_ps(qf.data() + 8 * c);
-            a0 = _mm256_fmadd_ps(qc, load8(k0 + 8 * c), a0), a1 = _mm256_fmadd_ps(qc, load8(k1 + 8 * c), a1);
-            a2 = _mm256_fmadd_ps(qc, load8(k2 + 8 * c), a2), a3 = _mm256_fmadd_ps(qc, load8(k3 + 8 * c), a3);
-          }
-          pg[s] = hsum(a0), pg[s + 1] = hsum(a1), pg[s + 2] = hsum(a2), pg[s + 3] = hsum(a3);
-        }
-        for (; s < S; ++s) {
-          __m256 a0 = _mm256_setzero_ps();
-          for (int64_t c = 0; c < C; ++c) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qf.data() + 8 * c), load8(kh + s * ks[2] + 8 * c), a0);
-          pg[s] = hsum(a0);
-        }
-        if (mask) {
-          const int64_t at = b * ms[0] + h * ms[1] + g * ms[2];
-          for (int64_t s = 0; s < S; ++s)
-            pg[s] = boolean ? (mb[at + s * ms[3]] ? pg[s] : neg_inf) : pg[s] + mf[at + s * ms[3]];
-        }
-      }
-      for (int64_t g = 0; g < G; ++g) {  // softmax numerators (SLEEF's 1-ulp exp, as torch's) and 1 / their sum
-        float* pg = p.data() + g * S;
-        float mx = neg_inf;
-        for (int64_t s = 0; s < S; ++s) mx = std::max(mx, pg[s]);
-        if (mx == neg_inf) {  // a row that sees nothing: zeros
-          std::fill(pg, pg + S, 0.f), inv[g] = 0.f;
-          continue;
-        }
-        const Vec vm(mx);
-        Vec vsum(0.f);
-        int64_t s = 0;
-        for (; s + Vec::size() <= S; s += Vec::size()) {
-          const Vec e = (Vec::loadu(pg + s) - vm).exp();
-          e.store(pg + s), vsum = vsum + e;
-        }
-        float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, vsum);
-        for (; s < S; ++s) sum += (pg[s] = std::exp(pg[s] - mx));
-        inv[g] = 1.f / sum;
-      }
-      for (int64_t g = 0; g < G; ++g) {  // p . v: 8 columns of 8 at a time in registers, every value row
-        const float* pg = p.data() + g * S;
-        float* ag = acc.data() + g * D;
-        int64_t c = 0;
-        for (; c + 8 <= C; c += 8) {
-          __m256 a[8];
-          for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
-          for (int64_t s = 0; s < S; ++s) {
-            const __m256 ps = _mm256_set1_ps(pg[s]);
-            const T* vr = vh + s * vs[2] + 8 * c;
-            for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(ps, load8(vr + 8 * j), a[j]);
-          }
-          for (int j = 0; j < 8; ++j) _mm256_storeu_ps(ag + 8 * (c + j), a[j]);
-        }
-        for (; c < C; ++c) {
-          __m256 a0 = _mm256_setzero_ps();
-          for (int64_t s = 0; s < S; ++s) a0 = _mm256_fmadd_ps(_mm256_set1_ps(pg[s]), load8(vh + s * vs[2] + 8 * c), a0);
-          _mm256_storeu_ps(ag + 8 * c, a0);
-        }
-        T* o = O + b * os[0] + h * os[1] + g * os[2];
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(ag[d] * inv[g]);
-      }
-    }
-  });
-}
+using namespace lmforge_attn;
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const std::optional<at::Tensor>& mask, double scale) {

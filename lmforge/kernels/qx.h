@@ -33,24 +33,12 @@ struct Rows {
   std::vector<float> d, sum;
 };
 
-// x (M, K) of float32 / bfloat16 / float16 (K a multiple of 32) quantized, 32 values at a time in registers (the
-// same rounding as std::nearbyint: MXCSR's nearest-even). Held per thread and reused by the next call (a decode
-// step makes ~150 of these; no allocation each time).
-inline const Rows& quantize(const at::Tensor& x) {
+// x (M, K) fp32, K a multiple of 32, quantized 32 values at a time in registers (the same rounding as
+// std::nearbyint: MXCSR's nearest-even). Held per thread and reused by the next call (a decode step makes ~150 of
+// these; no allocation each time).
+inline const Rows& quantize(const float* src, int64_t M, int64_t K) {
   thread_local Rows r;
-  thread_local std::vector<float> xf;
-  const at::Tensor xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), B = K / 32;
-  const float* src;
-  if (xc.scalar_type() == at::kFloat) {
-    src = xc.const_data_ptr<float>();
-  } else {
-    xf.resize(M * K);
-    auto copy = [&](auto* p) { for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(p[i]); };
-    if (xc.scalar_type() == at::kBFloat16) copy(xc.const_data_ptr<c10::BFloat16>());
-    else copy(xc.const_data_ptr<c10::Half>());
-    src = xf.data();
-  }
+  const int64_t B = K / 32;
   r.q.resize(M * K), r.d.resize(M * B), r.sum.resize(M * B);
   const __m256 sign = _mm256_set1_ps(-0.f);
   for (int64_t i = 0; i < M * B; ++i) {
@@ -76,6 +64,19 @@ inline const Rows& quantize(const at::Tensor& x) {
     r.d[i] = d, r.sum[i] = d * static_cast<float>(_mm_cvtsi128_si32(s4));
   }
   return r;
+}
+
+// the same of a float32 / bfloat16 / float16 tensor (M, K)
+inline const Rows& quantize(const at::Tensor& x) {
+  thread_local std::vector<float> xf;
+  const at::Tensor xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1);
+  if (xc.scalar_type() == at::kFloat) return quantize(xc.const_data_ptr<float>(), M, K);
+  xf.resize(M * K);
+  auto copy = [&](auto* p) { for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(p[i]); };
+  if (xc.scalar_type() == at::kBFloat16) copy(xc.const_data_ptr<c10::BFloat16>());
+  else copy(xc.const_data_ptr<c10::Half>());
+  return quantize(xf.data(), M, K);
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)

@@ -34,6 +34,7 @@ from lmforge.generate import (
     unseen_text,
 )
 from lmforge.kernels import accelerate
+from lmforge.kernels.step import native_step
 from lmforge.model import Transformer
 
 log = logging.getLogger("lmforge.serve")
@@ -129,6 +130,7 @@ class Batcher:
         self._thread: threading.Thread | None = None
         accelerate(model, training=False)
         model.setup_cache(slots, self.context)
+        self.native = native_step(model, slots)  # a covered CPU model: each step in one C++ call (kernels/step.py)
 
     # ---- the server's side ---------------------------------------------------------------------------------
 
@@ -271,7 +273,10 @@ class Batcher:
         device = self.model.device
         token = torch.tensor([[s.token if s else self.pad] for s in rows], device=device)  # (n, 1)
         pos = torch.tensor([[s.pos if s else 0] for s in rows], device=device)  # (n, 1) each row's own slot
-        logits = decode_one_token(self.model, token, pos)  # (n, vocab)
+        if self.native is not None:
+            logits = self.native(token, pos)  # (n, vocab)
+        else:
+            logits = decode_one_token(self.model, token, pos)  # (n, vocab)
         self.stats.steps += 1
         self.stats.step_rows += sum(s is not None for s in rows)
         for b, s in enumerate(rows):

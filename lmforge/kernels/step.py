@@ -1,0 +1,118 @@
+"""A whole decode step in one C++ call (`decode_step.cpp`), for the models it covers: LLaMA-family blocks
+(RMSNorm, RoPE, SwiGLU, MHA / GQA / MQA, biases or not, tied or not) in fp32 on CPU, with `lmforge.quantize`'s
+int8 / int4 linears (a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks) or float ones. `generate` takes it for every
+decode step of such a model (the prompt still goes through the model's forward); any other model, module
+(LoRA's wrappers, another attention) or device keeps the module path, eager or compiled.
+
+Why a native step: with 4-bit weights the products of a SmolLM2-135M token take ~3.7 ms on 2 cores, and a
+compiled torch graph adds ~2.5 ms of serial work around them (README: figures). It computes what the modules
+compute, with the same kernels (the same integer block sums), in fp32 throughout; the element-wise work differs
+from torch's only in rounding (tests: logits against the model's forward, greedy tokens, the Paris answer)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmforge.kernels import build
+from lmforge.kernels.modules import BlasAttention, CpuLinear, FusedRMSNorm, FusedRoPE, FusedSwiGLU
+from lmforge.model import Attention, Block, RMSNorm, RoPE, SoftmaxAttention, SwiGLU, Transformer
+
+_NORMS = (RMSNorm, FusedRMSNorm)
+_ATTENDS = (SoftmaxAttention, BlasAttention)
+_ROPES = (RoPE, FusedRoPE)
+_MLPS = (SwiGLU, FusedSwiGLU)
+
+
+class NativeStep:
+    """step(token (B, 1), pos, key_valid (B, >= last slot + 1) | None, offsets (B,) | None) -> logits (B, vocab)
+    fp32, writing the new keys and values into the model's KV cache as the forward does. pos: (1,) the slot of
+    every row, or (B, 1) each row's own (a server's continuous batch: row b sees its slots up to its own)."""
+
+    def __init__(self, obj: torch.ScriptObject, keep: list[torch.Tensor]) -> None:
+        self.obj, self.keep = obj, keep  # keep: tensors made for it (held by it too; named for clarity)
+
+    def __call__(self, token: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor | None = None,
+                 offsets: torch.Tensor | None = None) -> torch.Tensor:
+        return self.obj.step(token.reshape(-1), pos.reshape(-1), key_valid, offsets)
+
+
+def _fp32_cpu(*ts: torch.Tensor | None) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in ts)
+
+
+def _linear(m: nn.Module) -> list[torch.Tensor] | None:
+    """(weight, scale, minimum, bias) of a linear the C++ step takes, empty tensors where there is none; None
+    when it takes no such module (another type, dtype or device: the module path, which names a mix-up)."""
+    from lmforge.quantize import Int4Linear, Int8Linear
+
+    none = torch.empty(0)
+    b = getattr(m, "bias", None)
+    if not _fp32_cpu(b):
+        return None
+    bias = none if b is None else b.detach().contiguous()
+    if type(m) is Int8Linear and m.q.device.type == "cpu" and (m.in_features // m.scale.shape[1]) % 32 == 0:
+        return [m.q, m.scale, none, bias]
+    if type(m) is Int4Linear and m.packed.device.type == "cpu":
+        return [m.packed, m.scale, m.minimum, bias]
+    if type(m) in (nn.Linear, CpuLinear) and _fp32_cpu(m.weight):
+        return [m.weight.detach().contiguous(), none, none, bias]
+    return None
+
+
+def _hooked(model: nn.Module) -> bool:
+    """Whether running `model` must call its modules' forwards: forward hooks or pre-hooks (global, or on any
+    module), or a forward replaced on the instance (a wrapper, a test's stand-in)."""
+    from torch.nn.modules import module as torch_module
+
+    return ("forward" in vars(model) or bool(torch_module._global_forward_hooks)
+            or bool(torch_module._global_forward_pre_hooks)
+            or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()))
+
+
+def native_step(model: nn.Module, batch: int) -> NativeStep | None:
+    """The C++ decode step for `model` (its KV cache set up for at least `batch` rows), or None where it does not
+    apply: kernels off (LMFORGE_CPU_KERNELS=0) or not buildable, not an fp32 CPU model, an architecture or module
+    it does not cover, or forward hooks that expect the modules to run. It runs no autograd: for inference (generate runs under inference_mode)."""
+    from lmforge.quantize import QuantEmbedding
+
+    if not isinstance(model, Transformer) or not build.kernels_allowed() or _hooked(model):
+        return None
+    c = model.config
+    if (model.device.type != "cpu" or model.dtype != torch.float32 or c.norm != "rmsnorm" or c.mlp != "swiglu"
+            or c.position != "rope" or c.sliding_window is not None or c.embed_norm or c.head_dim % 8
+            or c.rope_dim % 2 or not len(model.layers)):
+        return None
+    caches = [b.attn.cache for b in model.layers]
+    if any(k is None for k in caches) or caches[0].k.shape[0] < batch or caches[0].k.dtype != torch.float32:
+        return None
+    norms = [model.norm] + [n for b in model.layers for n in (b.attn_norm, b.mlp_norm)]
+    if any(type(n) not in _NORMS or n.eps != c.norm_eps or not _fp32_cpu(n.weight) for n in norms):
+        return None
+    emb = model.tok_emb
+    if type(emb) is QuantEmbedding and emb.table is model.lm_head:
+        table = torch.empty(0)
+    elif type(emb) is nn.Embedding and _fp32_cpu(emb.weight):
+        table = emb.weight.detach().contiguous()
+    else:
+        return None
+    head = _linear(model.lm_head)
+    if head is None:
+        return None
+    if not _fp32_cpu(model.rope_cos, model.rope_sin):
+        return None
+    tensors = [table, model.rope_cos.contiguous(), model.rope_sin.contiguous(), model.norm.weight.detach(), *head]
+    for b in model.layers:
+        a, mlp = b.attn, b.mlp
+        if (type(b) is not Block or type(a) is not Attention or type(a.attend) not in _ATTENDS
+                or type(a.rope) not in _ROPES or type(mlp) not in _MLPS):
+            return None
+        linears = [_linear(m) for m in (a.qkv, a.out, mlp.gate_up, mlp.down)]
+        if any(t is None for t in linears):
+            return None
+        tensors += [b.attn_norm.weight.detach(), b.mlp_norm.weight.detach(), *(t for lin in linears for t in lin),
+                    a.cache.k, a.cache.v]
+    if not build.load("decode_step"):
+        return None
+    ints = [c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.rope_dim, int(c.rope_interleaved), c.n_layers]
+    return NativeStep(torch.classes.lmforge.DecodeStep(tensors, ints, float(c.norm_eps)), tensors)

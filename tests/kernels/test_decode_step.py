@@ -1,0 +1,169 @@
+"""The decode step in one C++ call (kernels/step.py, kernels/decode_step.cpp) against the model's own forward:
+the same logits and KV-cache writes for every architecture it covers, weights float / int8 / int4, padded
+batches and per-row slots; generate() and the server take it and keep their tokens; models it does not cover
+(and models with hooks) keep the module path; bad calls are refused by name."""
+
+import pytest
+import torch
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.generate import decode_one_token, generate, prefill
+from lmforge.kernels import accelerate, build
+from lmforge.kernels.step import native_step
+from lmforge.model import Transformer
+from lmforge.quantize import quantize
+
+pytestmark = pytest.mark.skipif(not build.kernels_allowed(), reason="lmforge's CPU kernels need an x86 AVX2 CPU")
+
+VOCAB = 96
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not build.load("decode_step"):
+        pytest.skip("the decode_step kernel could not be built here")
+
+
+def tiny(scheme: str | None = None, **kw) -> Transformer:
+    torch.manual_seed(0)
+    config = {"vocab_size": VOCAB, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 96,
+              "max_seq_len": 64, **kw}
+    model = Transformer(ModelConfig(**config)).eval()
+    if scheme:
+        quantize(model, scheme)
+    return accelerate(model, training=False)
+
+
+def caches(model):
+    return [(b.attn.cache.k.clone(), b.attn.cache.v.clone()) for b in model.layers]
+
+
+def put(model, saved):
+    for b, (k, v) in zip(model.layers, saved):
+        b.attn.cache.k.copy_(k), b.attn.cache.v.copy_(v)
+
+
+def both(model, step, token, pos, key_valid=None, offsets=None):
+    """(the forward's logits and caches, the native step's) for one step from the same cache."""
+    before = caches(model)
+    want = decode_one_token(model, token, pos, key_valid, offsets)
+    want_cache = caches(model)
+    put(model, before)
+    got = step(token, pos, key_valid, None if offsets is None else offsets.reshape(-1))
+    return want, want_cache, got, caches(model)
+
+
+ARCHS = {
+    "gqa": {},
+    "mqa": {"n_kv_heads": 1},
+    "mha": {"n_kv_heads": 4},
+    "chatglm2-like": {"n_kv_heads": 1, "rope_interleaved": True, "rope_fraction": 0.5, "qkv_bias": True},
+    "biases": {"qkv_bias": True, "bias": True},
+    "tied": {"tie_embeddings": True},
+}
+
+
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+@pytest.mark.parametrize("arch", list(ARCHS))
+@torch.inference_mode()
+def test_one_step_matches_the_forward(arch, scheme):
+    model = tiny(scheme, **ARCHS[arch])
+    model.setup_cache(3, 32)
+    prefill(model, torch.randint(0, VOCAB, (3, 5)))
+    step = native_step(model, 3)
+    assert step is not None
+    token, pos = torch.randint(0, VOCAB, (3, 1)), torch.tensor([5])
+    want, want_cache, got, got_cache = both(model, step, token, pos)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)  # int4/int8: x requantized from ulp-close inputs
+    for (k, v), (k2, v2) in zip(want_cache, got_cache):
+        torch.testing.assert_close(k2, k, rtol=1e-4, atol=5e-6), torch.testing.assert_close(v2, v, rtol=1e-4, atol=5e-6)
+
+
+@pytest.mark.parametrize("scheme", [None, "int4"])
+@torch.inference_mode()
+def test_a_left_padded_batch_and_per_row_slots_match_the_forward(scheme):
+    model = tiny(scheme)
+    model.setup_cache(3, 32)
+    offsets = torch.tensor([[2], [0], [3]])
+    ids = torch.randint(0, VOCAB, (3, 6))
+    prefill(model, ids, offsets)
+    step = native_step(model, 3)
+    key_valid = torch.arange(32) >= offsets  # (3, 32)
+    token, pos = torch.randint(0, VOCAB, (3, 1)), torch.tensor([6])
+    want, _, got, _ = both(model, step, token, pos, key_valid[:, :7], offsets)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
+    # a server's rows: each at its own slot, seeing its own slots only
+    for b, n in enumerate([4, 9, 2]):
+        prefill(model, torch.randint(0, VOCAB, (1, n)), cache_rows=slice(b, b + 1))
+    want, _, got, _ = both(model, step, token, torch.tensor([[4], [9], [2]]))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_generate_takes_it_and_a_batch_gets_what_each_prompt_gets_alone(scheme, monkeypatch):
+    model = tiny(scheme)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [3]]
+    calls = []
+    real = native_step
+    monkeypatch.setattr("lmforge.generate.native_step", lambda *a: calls.append(1) or real(*a))
+    together = generate(model, prompts, 10)
+    alone = [generate(model, p, 10)[0] for p in prompts]
+    assert calls and together == alone
+    monkeypatch.setattr("lmforge.generate.native_step", lambda *a: None)  # the modules' path
+    assert generate(model, prompts, 10) == together
+
+
+def test_models_it_does_not_cover_keep_the_module_path():
+    assert native_step(tiny(), 1) is None  # no KV cache set up
+    covered = tiny("int4")
+    covered.setup_cache(2, 16)
+    assert native_step(covered, 2) is not None
+    assert native_step(covered, 3) is None  # more rows than the cache holds
+    for kw in ({"norm": "layernorm"}, {"mlp": "gelu"}, {"position": "alibi"}, {"sliding_window": 4}):
+        model = tiny(**kw)
+        model.setup_cache(1, 16)
+        assert native_step(model, 1) is None, kw
+    half = tiny().to(torch.bfloat16)
+    half.setup_cache(1, 16)
+    assert native_step(half, 1) is None
+    hooked = tiny("int8")
+    hooked.setup_cache(1, 16)
+    handle = hooked.layers[0].mlp.register_forward_hook(lambda *a: None)
+    assert native_step(hooked, 1) is None  # a hook expects the modules to run
+    handle.remove()
+    assert native_step(hooked, 1) is not None
+    from lmforge.lora import apply_lora
+    lora = tiny()
+    apply_lora(lora, r=2)
+    lora.setup_cache(1, 16)
+    assert native_step(lora, 1) is None
+
+
+def test_kernels_turned_off_keep_the_module_path(monkeypatch):
+    model = tiny("int4")
+    model.setup_cache(1, 16)
+    monkeypatch.setenv(build.ENV_KERNELS, "0")
+    assert native_step(model, 1) is None
+
+
+@torch.inference_mode()
+def test_bad_calls_are_refused_by_name():
+    model = tiny("int4")
+    model.setup_cache(2, 8)
+    step = native_step(model, 2)
+    with pytest.raises(RuntimeError, match="token id 96 outside the vocabulary of 96"):
+        step(torch.tensor([[96], [1]]), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="slot 8 is beyond the KV cache length 8"):
+        step(torch.tensor([[1], [1]]), torch.tensor([8]))
+    with pytest.raises(RuntimeError, match="3 rows but the KV cache holds 2"):
+        step(torch.tensor([[1], [1], [1]]), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="key_valid must be bool"):
+        step(torch.tensor([[1], [1]]), torch.tensor([3]), torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_a_linear_of_another_dtype_keeps_the_module_path():
+    model = tiny()
+    model.setup_cache(1, 8)
+    model.layers[1].mlp.down = nn.Linear(96, 64).double()
+    assert native_step(model, 1) is None  # another dtype: the module path, which names the mix-up
