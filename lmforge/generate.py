@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lmforge.kernels import accelerate
-from lmforge.kernels.step import native_step
+from lmforge.kernels.step import PREFILL_ROWS, NativeStep, native_step
 from lmforge.model import Transformer
 from lmforge.utils import placement_errors
 
@@ -147,16 +147,14 @@ def _compiled_step(device: torch.device) -> Callable[..., torch.Tensor]:
 
 
 def make_step(model: Transformer, compile: bool, key_valid: torch.Tensor, offsets: torch.Tensor | None,
-              prompt_len: int) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+              prompt_len: int, native: NativeStep | None = None) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
     """The decode step of one generate() call: step(token (B, 1), pos (1,), t) -> logits (B, vocab), t the
     steps taken before. key_valid (B, L) is False at pad slots; offsets (B, 1) the left-pad counts (None: no
-    padding). A model `kernels.step` covers (fp32 on CPU, LLaMA-family, quantized or not) runs the whole step
-    in one C++ call, compile or not; otherwise eager, the step attends to the filled slots; compiled, to the
+    padding). With `native` (`kernels.step.native_step`: an fp32 LLaMA-family CPU model, quantized or not) the
+    whole step is one C++ call, compile or not; otherwise eager, the step attends to the filled slots; compiled, to the
     whole cache with CUDA graphs (fixed shapes) or to the filled slots with a dynamic length on CPU (one graph)."""
-    native = native_step(model, key_valid.shape[0]) if key_valid.device.type == "cpu" else None
     if native is not None:  # a covered fp32 CPU model: the whole step in one C++ call (kernels/step.py)
-        off = None if offsets is None else offsets.reshape(-1)
-        return lambda token, pos, t: native(token, pos, None if offsets is None else key_valid, off)
+        return lambda token, pos, t: native(token, pos, None if offsets is None else key_valid, offsets)
     if not compile:
         if offsets is None:
             return lambda token, pos, t: decode_one_token(model, token, pos)
@@ -305,7 +303,8 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
     if owns_cache:
         model.setup_cache(B, L)
     key_valid = torch.arange(L, device=device) >= offsets  # (B, L): False at pad slots
-    step = make_step(model, cfg.compile, key_valid, offsets if padded else None, P)
+    native = native_step(model, B) if device.type == "cpu" else None
+    step = make_step(model, cfg.compile, key_valid, offsets if padded else None, P, native)
     generator = None if cfg.seed is None else torch.Generator(device=device).manual_seed(cfg.seed)
     seen = None
 
@@ -316,7 +315,10 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
 
     with placement_errors(model):  # a device/dtype mix-up named in one line
         try:
-            logits = prefill(model, ids, offsets if padded else None)  # (B, vocab)
+            if native is not None and B * P <= PREFILL_ROWS:  # a short prompt: the C++ step too
+                logits = native.prefill(ids, offsets if padded else None, key_valid if padded else None)
+            else:
+                logits = prefill(model, ids, offsets if padded else None)  # (B, vocab)
             if cfg.repetition_penalty != 1.0:
                 seen = torch.zeros_like(logits, dtype=torch.bool)  # (B, vocab)
                 for b, p in enumerate(prompts):

@@ -205,40 +205,36 @@ class DecodeStep : public torch::CustomClassHolder {
     TORCH_CHECK(!layers_.empty(), "decode_step: a model without layers");
   }
 
-  // Next-token logits (B, vocab) fp32 for tokens (B,) int64 going to the cache slots `slots`: (1,), the same
-  // for every row, or (B,), each row's own (a server's rows hold sequences of different lengths); row b is the
-  // cache's row b and sees its slots up to its own. key_valid: (B, >= the last slot + 1) bool, false at pad
-  // slots; offsets: (B,) int64, each row's left-pad count (row b sits at position slot - offsets[b]).
-  at::Tensor step(const at::Tensor& tokens, const at::Tensor& slots, const std::optional<at::Tensor>& key_valid,
-                  const std::optional<at::Tensor>& offsets) {
+  // Next-token logits (B, vocab) fp32 after tokens (B, T) int64 (one new token a row, T = 1, or a short prompt),
+  // row b's tokens going to its cache slots first[b] .. first[b] + T - 1 and each seeing the filled slots up to
+  // its own. first: (1,), the same for every row, or (B,), each row's own (a server's rows hold sequences of
+  // different lengths). key_valid: (B, >= the last slot + 1) bool, false at pad slots; offsets: (B,) int64, each
+  // row's left-pad count (a token at slot s sits at position s - offsets[b], pads at 0); last: (B,) int64, the
+  // token of each row whose logits are returned (default the last); row0: the cache row of row 0.
+  at::Tensor step(const at::Tensor& tokens, const at::Tensor& first, const std::optional<at::Tensor>& key_valid,
+                  const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& last, int64_t row0) {
     const at::Tensor& k0 = layers_[0].k;
-    TORCH_CHECK(tokens.dim() == 1 && tokens.scalar_type() == at::kLong && tokens.is_contiguous(),
-                "decode_step: tokens must be int64 (B,)");
-    const int64_t B = tokens.size(0);
-    TORCH_CHECK(B >= 1 && B <= k0.size(0), "decode_step: ", B, " rows but the KV cache holds ", k0.size(0));
-    TORCH_CHECK(slots.dim() == 1 && slots.scalar_type() == at::kLong && slots.is_contiguous() &&
-                    (slots.size(0) == 1 || slots.size(0) == B), "decode_step: slots must be int64 (1,) or (B,)");
+    TORCH_CHECK(tokens.dim() == 2 && tokens.scalar_type() == at::kLong && tokens.is_contiguous(),
+                "decode_step: tokens must be int64 (B, T)");
+    const int64_t B = tokens.size(0), T = tokens.size(1), M = B * T;
+    TORCH_CHECK(B >= 1 && T >= 1 && row0 >= 0 && row0 + B <= k0.size(0), "decode_step: cache rows ", row0, "..",
+                row0 + B - 1, " asked for, but the KV cache holds ", k0.size(0), " rows");
+    TORCH_CHECK(first.dim() == 1 && first.scalar_type() == at::kLong && first.is_contiguous() &&
+                    (first.size(0) == 1 || first.size(0) == B), "decode_step: slots must be int64 (1,) or (B,)");
     pos_.resize(B);
     for (int64_t b = 0; b < B; ++b) {
-      pos_[b] = slots.const_data_ptr<int64_t>()[slots.size(0) == 1 ? 0 : b];
-      TORCH_CHECK(pos_[b] >= 0 && pos_[b] < k0.size(2), "decode_step: slot ", pos_[b],
+      pos_[b] = first.const_data_ptr<int64_t>()[first.size(0) == 1 ? 0 : b];
+      TORCH_CHECK(pos_[b] >= 0 && pos_[b] + T <= k0.size(2), "decode_step: slot ", pos_[b] + T - 1,
                   " is beyond the KV cache length ", k0.size(2));
     }
-    const int64_t S = *std::max_element(pos_.begin(), pos_.end()) + 1;  // the slots attended to
+    const int64_t lo = *std::min_element(pos_.begin(), pos_.end()), hi = *std::max_element(pos_.begin(), pos_.end());
     const bool* kv = nullptr;
     int64_t kv0 = 0, kv1 = 0;
     if (key_valid) {
       const at::Tensor& t = *key_valid;
-      TORCH_CHECK(t.scalar_type() == at::kBool && t.dim() == 2 && t.size(0) >= B && t.size(1) >= S,
+      TORCH_CHECK(t.scalar_type() == at::kBool && t.dim() == 2 && t.size(0) >= B && t.size(1) >= hi + T,
                   "decode_step: key_valid must be bool (B, >= the last slot + 1)");
       kv = t.const_data_ptr<bool>(), kv0 = t.stride(0), kv1 = t.stride(1);
-    }
-    lmforge_attn::Mask mask;
-    if (kv || *std::min_element(pos_.begin(), pos_.end()) + 1 < S) {  // padding, or rows at different slots
-      mask_.resize(B * S);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t s = 0; s < S; ++s) mask_[b * S + s] = s <= pos_[b] && (!kv || kv[b * kv0 + s * kv1]);
-      mask.b = reinterpret_cast<const bool*>(mask_.data()), mask.s0 = S, mask.s3 = 1;
     }
     const int64_t* off = nullptr;
     if (offsets) {
@@ -246,43 +242,70 @@ class DecodeStep : public torch::CustomClassHolder {
                   "decode_step: offsets must be int64 (B,)");
       off = offsets->const_data_ptr<int64_t>();
     }
+    std::vector<int64_t> want(B, T - 1);
+    if (last) {
+      TORCH_CHECK(last->scalar_type() == at::kLong && last->is_contiguous() && last->numel() == B,
+                  "decode_step: last must be int64 (B,)");
+      for (int64_t b = 0; b < B; ++b) {
+        want[b] = last->const_data_ptr<int64_t>()[b];
+        TORCH_CHECK(want[b] >= 0 && want[b] < T, "decode_step: last[", b, "] = ", want[b], " is not one of the ", T, " tokens");
+      }
+    }
     const int64_t qkv_n = (H_ + 2 * KV_) * D_, G = H_ / KV_;
-    x_.resize(B * dim_), h_.resize(B * dim_), y_.resize(B * dim_), qkv_.resize(B * qkv_n), att_.resize(B * H_ * D_);
-    gu_.resize(B * 2 * F_), a_.resize(B * F_);
+    x_.resize(M * dim_), h_.resize(M * dim_), y_.resize(M * dim_), qkv_.resize(M * qkv_n), att_.resize(M * H_ * D_);
+    gu_.resize(M * 2 * F_), a_.resize(M * F_);
     const int64_t* tok = tokens.const_data_ptr<int64_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      TORCH_CHECK(tok[b] >= 0 && tok[b] < vocab_, "decode_step: token id ", tok[b], " outside the vocabulary of ", vocab_);
-      if (given(table_)) std::copy_n(table_.const_data_ptr<float>() + tok[b] * dim_, dim_, x_.data() + b * dim_);
-      else head_.row(tok[b], x_.data() + b * dim_);
+    for (int64_t i = 0; i < M; ++i) {
+      TORCH_CHECK(tok[i] >= 0 && tok[i] < vocab_, "decode_step: token id ", tok[i], " outside the vocabulary of ", vocab_);
+      if (given(table_)) std::copy_n(table_.const_data_ptr<float>() + tok[i] * dim_, dim_, x_.data() + i * dim_);
+      else head_.row(tok[i], x_.data() + i * dim_);
+    }
+    // the slots each token sees: (T, B, S) with S = the last slot + 1, where padding or rows at different slots
+    // need it (one row, or rows at one slot without padding: exactly the first S slots, no mask)
+    const int64_t S = hi + T;
+    const bool masked = kv || lo != hi;
+    if (masked) {
+      mask_.resize(T * B * S);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t s = 0; s < S; ++s)
+            mask_[(t * B + b) * S + s] = s <= pos_[b] + t && (!kv || kv[b * kv0 + s * kv1]);
     }
     const float scale = 1.f / std::sqrt(static_cast<float>(D_));
     for (Layer& l : layers_) {
-      rms_norm(x_.data(), l.attn_norm.const_data_ptr<float>(), h_.data(), B, dim_, eps_);
-      l.qkv.apply(h_.data(), qkv_.data(), B);
-      float* kc = l.k.mutable_data_ptr<float>();
-      float* vc = l.v.mutable_data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b) {
-        float* row = qkv_.data() + b * qkv_n;
-        const int64_t pos = pos_[b], p = pos - (off ? off[b] : 0);
-        TORCH_CHECK(p >= 0 && p < cos_.size(0), "decode_step: position ", p, " outside the rope tables");
-        rope(row, H_ + KV_, cos_.const_data_ptr<float>() + p * R_, sin_.const_data_ptr<float>() + p * R_);
-        for (int64_t h = 0; h < KV_; ++h) {  // the new key and value into slot pos
-          std::copy_n(row + (H_ + h) * D_, D_, kc + b * l.k.stride(0) + h * l.k.stride(1) + pos * l.k.stride(2));
-          std::copy_n(row + (H_ + KV_ + h) * D_, D_, vc + b * l.v.stride(0) + h * l.v.stride(1) + pos * l.v.stride(2));
+      rms_norm(x_.data(), l.attn_norm.const_data_ptr<float>(), h_.data(), M, dim_, eps_);
+      l.qkv.apply(h_.data(), qkv_.data(), M);
+      float* kc = l.k.mutable_data_ptr<float>() + row0 * l.k.stride(0);
+      float* vc = l.v.mutable_data_ptr<float>() + row0 * l.v.stride(0);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < T; ++t) {
+          float* row = qkv_.data() + (b * T + t) * qkv_n;
+          const int64_t slot = pos_[b] + t, p = std::max<int64_t>(0, slot - (off ? off[b] : 0));
+          TORCH_CHECK(p < cos_.size(0), "decode_step: position ", p, " outside the rope tables");
+          rope(row, H_ + KV_, cos_.const_data_ptr<float>() + p * R_, sin_.const_data_ptr<float>() + p * R_);
+          for (int64_t h = 0; h < KV_; ++h) {  // the new key and value into their slot
+            std::copy_n(row + (H_ + h) * D_, D_, kc + b * l.k.stride(0) + h * l.k.stride(1) + slot * l.k.stride(2));
+            std::copy_n(row + (H_ + KV_ + h) * D_, D_, vc + b * l.v.stride(0) + h * l.v.stride(1) + slot * l.v.stride(2));
+          }
         }
+      for (int64_t t = 0; t < T; ++t) {  // the t-th token of every row: one query row per head
+        lmforge_attn::Mask mask;
+        if (masked) mask.b = reinterpret_cast<const bool*>(mask_.data()) + t * B * S, mask.s0 = S, mask.s3 = 1;
+        lmforge_attn::attend<float>(
+            B, KV_, G, D_, masked ? S : lo + t + 1, {qkv_.data() + t * qkv_n, T * qkv_n, G * D_, D_},
+            {kc, l.k.stride(0), l.k.stride(1), l.k.stride(2)}, {vc, l.v.stride(0), l.v.stride(1), l.v.stride(2)},
+            mask, scale, {att_.data() + t * H_ * D_, T * H_ * D_, G * D_, D_});
       }
-      lmforge_attn::attend<float>(
-          B, KV_, G, D_, S, {qkv_.data(), qkv_n, G * D_, D_}, {kc, l.k.stride(0), l.k.stride(1), l.k.stride(2)},
-          {vc, l.v.stride(0), l.v.stride(1), l.v.stride(2)}, mask, scale, {att_.data(), H_ * D_, G * D_, D_});
-      l.out.apply(att_.data(), y_.data(), B);
-      add(x_.data(), y_.data(), B * dim_);
-      rms_norm(x_.data(), l.mlp_norm.const_data_ptr<float>(), h_.data(), B, dim_, eps_);
-      l.gate_up.apply(h_.data(), gu_.data(), B);
-      silu_mul(gu_.data(), a_.data(), B, F_);
-      l.down.apply(a_.data(), y_.data(), B);
-      add(x_.data(), y_.data(), B * dim_);
+      l.out.apply(att_.data(), y_.data(), M);
+      add(x_.data(), y_.data(), M * dim_);
+      rms_norm(x_.data(), l.mlp_norm.const_data_ptr<float>(), h_.data(), M, dim_, eps_);
+      l.gate_up.apply(h_.data(), gu_.data(), M);
+      silu_mul(gu_.data(), a_.data(), M, F_);
+      l.down.apply(a_.data(), y_.data(), M);
+      add(x_.data(), y_.data(), M * dim_);
     }
-    rms_norm(x_.data(), norm_.const_data_ptr<float>(), h_.data(), B, dim_, eps_);
+    for (int64_t b = 0; b < B; ++b)  // only the tokens whose logits are wanted: the final norm, then the head
+      rms_norm(x_.data() + (b * T + want[b]) * dim_, norm_.const_data_ptr<float>(), h_.data() + b * dim_, 1, dim_, eps_);
     at::Tensor logits = at::empty({B, vocab_}, tokens.options().dtype(at::kFloat));
     head_.apply(h_.data(), logits.mutable_data_ptr<float>(), B);
     return logits;

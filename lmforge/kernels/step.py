@@ -24,17 +24,33 @@ _ROPES = (RoPE, FusedRoPE)
 _MLPS = (SwiGLU, FusedSwiGLU)
 
 
-class NativeStep:
-    """step(token (B, 1), pos, key_valid (B, >= last slot + 1) | None, offsets (B,) | None) -> logits (B, vocab)
-    fp32, writing the new keys and values into the model's KV cache as the forward does. pos: (1,) the slot of
-    every row, or (B, 1) each row's own (a server's continuous batch: row b sees its slots up to its own)."""
+PREFILL_ROWS = 64  # prompts of up to this many tokens (all rows together) are prefilled by the C++ step too
 
-    def __init__(self, obj: torch.ScriptObject, keep: list[torch.Tensor]) -> None:
-        self.obj, self.keep = obj, keep  # keep: tensors made for it (held by it too; named for clarity)
+
+class NativeStep:
+    """The C++ step over a model's weights and KV cache (the cache's keys and values written as the forward
+    writes them). `step(token (B, 1), pos)` decodes one token a row: pos (1,) the slot of every row, or (B, 1)
+    each row's own (a server's continuous batch: row b sees its slots up to its own); key_valid (B, >= last
+    slot + 1) False at pad slots, offsets (B, 1) left-pad counts. `prefill(ids (B, P), ...)` runs a short
+    prompt. Both return the next-token logits (B, vocab), fp32."""
+
+    def __init__(self, obj: torch.ScriptObject) -> None:
+        self.obj = obj
 
     def __call__(self, token: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor | None = None,
                  offsets: torch.Tensor | None = None) -> torch.Tensor:
-        return self.obj.step(token.reshape(-1), pos.reshape(-1), key_valid, offsets)
+        off = None if offsets is None else offsets.reshape(-1)
+        return self.obj.step(token.contiguous(), pos.reshape(-1), key_valid, off, None, 0)
+
+    def prefill(self, ids: torch.Tensor, offsets: torch.Tensor | None = None, key_valid: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None, cache_rows: slice | None = None) -> torch.Tensor:
+        """As `generate.prefill`: ids (B, P) from slot 0, left-padded (offsets (B, 1), key_valid (B, >= P)) or
+        right-padded (lengths (B,): each row's logits at its last real token), into the cache rows `cache_rows`
+        (default the first B)."""
+        off = None if offsets is None else offsets.reshape(-1)
+        last = None if lengths is None else (lengths.reshape(-1) - 1).to(torch.int64)
+        first = torch.zeros(1, dtype=torch.int64)
+        return self.obj.step(ids.contiguous(), first, key_valid, off, last, 0 if cache_rows is None else cache_rows.start)
 
 
 def _fp32_cpu(*ts: torch.Tensor | None) -> bool:
@@ -115,4 +131,4 @@ def native_step(model: nn.Module, batch: int) -> NativeStep | None:
     if not build.load("decode_step"):
         return None
     ints = [c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.rope_dim, int(c.rope_interleaved), c.n_layers]
-    return NativeStep(torch.classes.lmforge.DecodeStep(tensors, ints, float(c.norm_eps)), tensors)
+    return NativeStep(torch.classes.lmforge.DecodeStep(tensors, ints, float(c.norm_eps)))

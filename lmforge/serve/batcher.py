@@ -34,7 +34,7 @@ from lmforge.generate import (
     unseen_text,
 )
 from lmforge.kernels import accelerate
-from lmforge.kernels.step import native_step
+from lmforge.kernels.step import PREFILL_ROWS, native_step
 from lmforge.model import Transformer
 
 log = logging.getLogger("lmforge.serve")
@@ -229,8 +229,11 @@ class Batcher:
             ids = torch.tensor([list(r.prompt) + [self.pad] * (max(lengths) - n) for (_, r), n in zip(run, lengths)],
                                device=self.model.device)  # (k, longest)
             first = run[0][0]
-            logits = prefill(self.model, ids, cache_rows=slice(first, first + len(run)),
-                             lengths=torch.tensor(lengths) if len(run) > 1 else None)  # (k, vocab)
+            rows, lengths_t = slice(first, first + len(run)), torch.tensor(lengths) if len(run) > 1 else None
+            if self.native is not None and ids.numel() <= PREFILL_ROWS:  # short prompts: the C++ step too
+                logits = self.native.prefill(ids, lengths=lengths_t, cache_rows=rows)  # (k, vocab)
+            else:
+                logits = prefill(self.model, ids, cache_rows=rows, lengths=lengths_t)  # (k, vocab)
             for i, (b, request) in enumerate(run):
                 self.stats.first_token_seconds.append(time.perf_counter() - request.submitted)
                 self._advance(b, logits[i:i + 1])

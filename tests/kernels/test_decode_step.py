@@ -156,7 +156,7 @@ def test_bad_calls_are_refused_by_name():
         step(torch.tensor([[96], [1]]), torch.tensor([0]))
     with pytest.raises(RuntimeError, match="slot 8 is beyond the KV cache length 8"):
         step(torch.tensor([[1], [1]]), torch.tensor([8]))
-    with pytest.raises(RuntimeError, match="3 rows but the KV cache holds 2"):
+    with pytest.raises(RuntimeError, match="cache rows 0..2 asked for, but the KV cache holds 2 rows"):
         step(torch.tensor([[1], [1], [1]]), torch.tensor([0]))
     with pytest.raises(RuntimeError, match="key_valid must be bool"):
         step(torch.tensor([[1], [1]]), torch.tensor([3]), torch.ones(2, 2, dtype=torch.bool))
@@ -167,3 +167,34 @@ def test_a_linear_of_another_dtype_keeps_the_module_path():
     model.setup_cache(1, 8)
     model.layers[1].mlp.down = nn.Linear(96, 64).double()
     assert native_step(model, 1) is None  # another dtype: the module path, which names the mix-up
+
+
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+@torch.inference_mode()
+def test_a_short_prompt_prefills_as_the_forward_does(scheme):
+    """A prompt through the C++ step: the same last logits and cache as the forward's prefill, for one row, a
+    left-padded batch, and a server's right-padded rows into cache rows 1-2 with their own lengths."""
+    model = tiny(scheme, **ARCHS["chatglm2-like"])
+    model.setup_cache(3, 32)
+    step = native_step(model, 3)
+    ids = torch.randint(0, VOCAB, (1, 7))
+    want = prefill(model, ids)
+    want_cache = [(k[:1, :, :7], v[:1, :, :7]) for k, v in caches(model)]
+    got = step.prefill(ids)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
+    for (k, v), (k2, v2) in zip(want_cache, caches(model)):
+        torch.testing.assert_close(k2[:1, :, :7], k, rtol=1e-4, atol=5e-6)
+        torch.testing.assert_close(v2[:1, :, :7], v, rtol=1e-4, atol=5e-6)
+    offsets = torch.tensor([[2], [0], [4]])
+    ids = torch.randint(0, VOCAB, (3, 6))
+    key_valid = torch.arange(32) >= offsets
+    torch.testing.assert_close(step.prefill(ids, offsets, key_valid), prefill(model, ids, offsets), rtol=1e-4, atol=5e-5)
+    lengths = torch.tensor([5, 3])
+    ids = torch.randint(0, VOCAB, (2, 5))
+    got = step.prefill(ids, lengths=lengths, cache_rows=slice(1, 3))
+    want = prefill(model, ids, cache_rows=slice(1, 3), lengths=lengths)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
+    with pytest.raises(RuntimeError, match=r"last\[1\] = 5 is not one of the 5 tokens"):
+        step.prefill(ids, lengths=torch.tensor([5, 6]), cache_rows=slice(1, 3))
+    with pytest.raises(RuntimeError, match="cache rows 2..3 asked for, but the KV cache holds 3 rows"):
+        step.prefill(ids, cache_rows=slice(2, 4))
