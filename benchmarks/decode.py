@@ -14,7 +14,9 @@ Against llama.cpp (`--llama-cpp DIR`: a folder with llama-bench and llama-perple
 runs lmforge and llama.cpp on the same GGUF files - the shipped Q4_1 file, and the others written from it by
 lmforge's `write_gguf` - lmforge on the file's own blocks (`--quantize gguf`) or, for float files, its weights as
 stored. Rounds alternate lmforge and one llama-bench repetition (-p 0 -n NEW, same threads); both columns are
-decoding alone (llama-bench's tg: lmforge's prompt prefill and first token are timed apart, "prefill ms"). `--perplexity TEXT`
+decoding alone (llama-bench's tg: lmforge's prompt prefill and first token are timed apart, "prefill ms"). Where
+lmforge's C++ decode step (`kernels/step.py`: fp32 LLaMA-family models, float or quantized) covers the model,
+generate() takes it; `--module-step` times the module path instead (eager, or with --compile). `--perplexity TEXT`
 adds each tool's perplexity of TEXT per file (llama.cpp's convention for both: windows of --ctx tokens, the second
 half of each scored), and its change from the f32 file.
 """
@@ -207,7 +209,8 @@ def main_gguf(args: argparse.Namespace) -> None:
     text = Path(args.perplexity) if args.perplexity else None
     bw = copy_bandwidth(torch.device("cpu"))
     print(f"torch {torch.__version__}; CPU, {threads} threads, copy bandwidth {bw / 1e9:.1f} GB/s; prompt "
-          f"{args.prompt_tokens}, new tokens {args.new_tokens}, {args.rounds} alternating rounds, compile={args.compile}; "
+          f"{args.prompt_tokens}, new tokens {args.new_tokens}, {args.rounds} alternating rounds, compile={args.compile}, "
+          f"{'module step' if args.module_step else 'C++ step where it covers the model'}; "
           f"llama.cpp: {tool or 'not given'}")
     with tempfile.TemporaryDirectory() as tmp:
         files = write_types(path, args.gguf_types, Path(tmp))
@@ -249,7 +252,13 @@ def main() -> None:
     ap.add_argument("--llama-cpp", default=None, help="folder with llama-bench / llama-perplexity")
     ap.add_argument("--perplexity", default=None, help="a text file: each tool's perplexity on it per GGUF file")
     ap.add_argument("--ctx", type=int, default=256, help="perplexity window (tokens)")
+    ap.add_argument("--module-step", action="store_true", help="decode through the model's modules (eager, or "
+                    "--compile) also where lmforge's C++ step (kernels/step.py) covers the model: the A/B of the two")
     args = ap.parse_args()
+    if args.module_step:
+        import lmforge.generate
+
+        lmforge.generate.native_step = lambda *a: None
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -264,7 +273,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}; "
           f"device {device} ({torch.get_num_threads()} threads), copy bandwidth {bw / 1e9:.1f} GB/s, "
           f"prompt {args.prompt_tokens}, new tokens {args.new_tokens}, {args.rounds} alternating rounds, "
-          f"compile={compile}")
+          f"compile={compile}, {'module step' if args.module_step else 'C++ step where it covers the model'}")
     print(f"{'dtype':10} {'lmforge tok/s':>14} {'transformers':>13} {'ratio':>6} {'weights MB':>11} "
           f"{'limit tok/s':>12} {'lmforge %':>10} {'hf %':>6} {'same tokens':>12}")
     runs = [(name, None) for name in dtypes] + [(name, q) for q in args.quantize or () for name in dtypes]
