@@ -30,7 +30,9 @@ def tiny(scheme: str | None = None, **kw) -> Transformer:
     config = {"vocab_size": VOCAB, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 96,
               "max_seq_len": 64, **kw}
     model = Transformer(ModelConfig(**config)).eval()
-    if scheme:
+    if scheme == "mixed":  # the last block int8, the rest float (the C++ step's float products)
+        quantize(model.layers[-1], "int8")
+    elif scheme:
         quantize(model, scheme)
     return accelerate(model, training=False)
 
@@ -64,7 +66,7 @@ ARCHS = {
 }
 
 
-@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+@pytest.mark.parametrize("scheme", ["mixed", "int8", "int4"])
 @pytest.mark.parametrize("arch", list(ARCHS))
 @torch.inference_mode()
 def test_one_step_matches_the_forward(arch, scheme):
@@ -80,7 +82,7 @@ def test_one_step_matches_the_forward(arch, scheme):
         torch.testing.assert_close(k2, k, rtol=1e-4, atol=5e-6), torch.testing.assert_close(v2, v, rtol=1e-4, atol=5e-6)
 
 
-@pytest.mark.parametrize("scheme", [None, "int4"])
+@pytest.mark.parametrize("scheme", ["mixed", "int4"])
 @torch.inference_mode()
 def test_a_left_padded_batch_and_per_row_slots_match_the_forward(scheme):
     model = tiny(scheme)
@@ -115,16 +117,19 @@ def test_generate_takes_it_and_a_batch_gets_what_each_prompt_gets_alone(scheme, 
 
 
 def test_models_it_does_not_cover_keep_the_module_path():
-    assert native_step(tiny(), 1) is None  # no KV cache set up
+    assert native_step(tiny("int4"), 1) is None  # no KV cache set up
+    float_model = tiny()
+    float_model.setup_cache(1, 16)
+    assert native_step(float_model, 1) is None  # torch's fp32 products are faster there
     covered = tiny("int4")
     covered.setup_cache(2, 16)
     assert native_step(covered, 2) is not None
     assert native_step(covered, 3) is None  # more rows than the cache holds
     for kw in ({"norm": "layernorm"}, {"mlp": "gelu"}, {"position": "alibi"}, {"sliding_window": 4}):
-        model = tiny(**kw)
+        model = tiny("int8", **kw)
         model.setup_cache(1, 16)
         assert native_step(model, 1) is None, kw
-    half = tiny().to(torch.bfloat16)
+    half = tiny("int8").to(torch.bfloat16)
     half.setup_cache(1, 16)
     assert native_step(half, 1) is None
     hooked = tiny("int8")
@@ -134,7 +139,7 @@ def test_models_it_does_not_cover_keep_the_module_path():
     handle.remove()
     assert native_step(hooked, 1) is not None
     from lmforge.lora import apply_lora
-    lora = tiny()
+    lora = tiny("mixed")
     apply_lora(lora, r=2)
     lora.setup_cache(1, 16)
     assert native_step(lora, 1) is None
@@ -163,13 +168,13 @@ def test_bad_calls_are_refused_by_name():
 
 
 def test_a_linear_of_another_dtype_keeps_the_module_path():
-    model = tiny()
+    model = tiny("mixed")
     model.setup_cache(1, 8)
     model.layers[1].mlp.down = nn.Linear(96, 64).double()
     assert native_step(model, 1) is None  # another dtype: the module path, which names the mix-up
 
 
-@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+@pytest.mark.parametrize("scheme", ["mixed", "int8", "int4"])
 @torch.inference_mode()
 def test_a_short_prompt_prefills_as_the_forward_does(scheme):
     """A prompt through the C++ step: the same last logits and cache as the forward's prefill, for one row, a
