@@ -181,6 +181,13 @@ def _share_tied_table(model: nn.Module) -> None:
         model.tok_emb = QuantEmbedding(head, model.tok_emb.weight.dtype)
 
 
+def _prebuild_step() -> None:
+    """Starts compiling the C++ decode step a quantized model will run (`kernels/step.py`) in another process,
+    while this one builds the GEMV kernels: on first use ~20 s in all, not ~20 s each."""
+    if build.kernels_allowed():
+        build.prebuild(["decode_step"], wait=False)
+
+
 def quantize(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
     """Replaces every `nn.Linear` of `model` (in place; returned) by its int8 or int4 form, frozen. Refuses, by
     name, a scheme it does not know, a group size int4 does not take, and a layer whose inputs do not split
@@ -196,6 +203,7 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
             if child.in_features % group_size:
                 raise ValueError(f"quantize: {_name(model, child)} has {child.in_features} inputs, not a "
                                  f"multiple of group_size {group_size}")
+    _prebuild_step()
     kernel = build.kernels_allowed() and build.load(f"{scheme}_gemv")
     for parent, name, child in targets:
         new = (Int8Linear.from_float(child.weight, child.bias) if scheme == "int8" else
@@ -223,6 +231,7 @@ def load_gguf_blocks(model: nn.Module, path) -> nn.Module:
 
     config, blocks = read_blocks(path)
     family = FAMILIES[config["model_type"]]
+    _prebuild_step()
     kernel = build.kernels_allowed() and build.load("int8_gemv")
     kernel4 = build.kernels_allowed() and build.load("int4_gemv")
     for name, child in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
