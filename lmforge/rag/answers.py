@@ -4,7 +4,9 @@ The retrieved chunks become numbered sources in the prompt (`rag_messages`: in t
 system message), rendered by the model's own chat template and fitted to its context (`fit_prompt`): the
 oldest conversation turns are dropped first, then the least relevant sources; the question never is. With
 `sentences=N` the sources are the N sentences (or table rows) of the retrieved chunks closest to the question
-(`evidence`) instead of whole chunks: a short evidence window that a small model reads more reliably.
+(`evidence`) instead of whole chunks: a short evidence window that a small model reads more reliably. With
+`snap=True` the answer is the source sentence the reply draws on, verbatim (`snap_to_source`: extractive
+grounding, off by default).
 """
 
 from __future__ import annotations
@@ -77,20 +79,42 @@ def fit_prompt(tokenizer: Any, messages: list[dict[str, str]], hits: Sequence[Hi
                              f"model's context of {context} tokens")
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+(?=[A-Z0-9])|(?<=[。！？；])")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])|(?<=[。！？])")
 _TABLE_RULE = re.compile(r"[|\-\s:]+")
+_LIST_ITEM = re.compile(r"([-*+•]|\d{1,3}[.)])\s+")
+_EMPHASIS = re.compile(r"(\*\*|`)(?=\S)(.+?)(?<=\S)\1")
 
 
 def split_sentences(text: str) -> list[str]:
-    """The units `evidence` ranks: each line of `text`, prose lines cut after a sentence end (or a semicolon or
-    colon) that a capital letter or a digit follows, or after a CJK sentence mark; a table row stays whole
-    (its cells belong together); blank lines and table rules are dropped."""
-    out = []
+    """The units `evidence` ranks. Prose is joined across the line breaks that wrap it (a blank line, a
+    heading, a list item or a table row ends a paragraph), then cut after a full stop, question or exclamation
+    mark that a capital letter, a digit or a quote follows, or after a CJK sentence mark; a colon or semicolon
+    does not end a sentence ("The K7 comes in three colours: Graphite, Sand and Moss." stays whole). A table
+    row stays whole (its cells belong together); table rules and blank lines are dropped; Markdown emphasis
+    (`**bold**`, `` `code` ``) loses its marks, a list item its bullet."""
+    paragraphs: list[str] = []
+    open_paragraph = False  # whether the next prose line continues the last paragraph
     for line in text.split("\n"):
         line = line.strip()
-        if not line or _TABLE_RULE.fullmatch(line):
+        if not line or line.startswith("#") or _TABLE_RULE.fullmatch(line):
+            open_paragraph = False
             continue
-        out += [line] if line.startswith("|") else [s.strip() for s in _SENTENCE_END.split(line) if s.strip()]
+        if line.startswith("|"):
+            paragraphs.append(line)
+            open_paragraph = False
+            continue
+        item = _LIST_ITEM.match(line)
+        if item:
+            line = line[item.end():]
+        line = _EMPHASIS.sub(r"\2", line)
+        if open_paragraph and not item:
+            paragraphs[-1] += " " + line
+        else:
+            paragraphs.append(line)
+        open_paragraph = True
+    out = []
+    for para in paragraphs:
+        out += [para] if para.startswith("|") else [s.strip() for s in _SENTENCE_END.split(para) if s.strip()]
     return out
 
 
@@ -100,7 +124,8 @@ def evidence(index: Index, question: str, hits: Sequence[Hit], n: int = 5) -> li
     `text` the sentence, `score` the fused score. Ranked by reciprocal rank fusion of two scores: the cosine
     similarity of the question and "section title: sentence" under the index's embedding model, and the
     idf-weighted overlap of their BM25 terms (idf among the candidates). A sentence that overlapping chunks
-    of one section repeat counts once."""
+    of one section repeat counts once, and a piece of a sentence (cut by a chunk's edge) that the
+    neighbouring chunk holds whole is dropped."""
     units: list[tuple[Hit, str]] = []
     seen: set[tuple[str, str]] = set()
     for h in hits:
@@ -108,6 +133,8 @@ def evidence(index: Index, question: str, hits: Sequence[Hit], n: int = 5) -> li
             if (h.heading, s) not in seen:
                 seen.add((h.heading, s))
                 units.append((h, s))
+    # a sentence cut by a chunk's edge, whole in the overlapping neighbour: only the whole one
+    units = [(h, s) for h, s in units if not any(s in t and s != t for g, t in units if g.heading == h.heading)]
     if not units or n < 1:
         return []
     import numpy as np
@@ -132,6 +159,33 @@ def evidence(index: Index, question: str, hits: Sequence[Hit], n: int = 5) -> li
                 units[i][0].chunk_id) for i in best]
 
 
+def _stem(term: str) -> str:
+    return term[:-1] if len(term) > 3 and term.endswith("s") and not term.endswith("ss") else term
+
+
+def snap_to_source(reply: str, question: str, sources: Sequence[Hit]) -> str:
+    """Extractive grounding: the sentence of `sources` (best first; `split_sentences` of each) that `reply`
+    draws on, verbatim, instead of the model's own words; `reply` itself when it draws on none.
+
+    The reply's terms (BM25 terms, a plural "s" dropped) that the question does not already contain are what
+    it adds; the sentence holding the most of them, each weighted by its idf among the sentences, wins (ties:
+    the better-ranked source). So "The K7 has 5 temperature presets." becomes "The K7 has 5 presets: 60, 70,
+    80, 90 and 100 °C." — the manual's words, which the reply paraphrased."""
+    units = list(dict.fromkeys(u for h in sources for u in split_sentences(h.text)))
+    added = {_stem(t) for t in terms(reply)} - {_stem(t) for t in terms(question)}
+    held = [{_stem(t) for t in terms(u)} for u in units]
+    df: dict[str, int] = {}
+    for h in held:
+        for t in h:
+            df[t] = df.get(t, 0) + 1
+    best, top = reply, 0.0
+    for unit, h in zip(units, held):
+        score = sum(math.log(1 + len(units) / df[t]) for t in added & h)
+        if score > top:
+            best, top = unit, score
+    return best
+
+
 @dataclass
 class Answer:
     """A reply and the sources it was given, best first (the numbers in the reply refer to them)."""
@@ -139,16 +193,18 @@ class Answer:
     text: str
     sources: list[Hit]
     prompt_tokens: int
+    generated: str = ""  # the model's own words, where `text` is the source sentence they drew on (`snap`)
 
 
 def answer(model: Any, tokenizer: Any, index: Index, question: str, k: int = 3, mode: str = "hybrid",
            max_new_tokens: int = 256, on_piece: Callable[[str], Any] | None = None,
            history: Sequence[dict[str, str]] = (), placement: str = "user", sentences: int = 0,
-           **options: Any) -> Answer:
+           snap: bool = False, **options: Any) -> Answer:
     """Retrieves `k` chunks for `question`, answers it from them (streamed to `on_piece` as generated), and
     returns the answer with its sources. `sentences` > 0: the sources are the chunks' `sentences` sentences
-    closest to the question (`evidence`), not the whole chunks. `history`: earlier turns of a conversation;
-    `options`: GenerationConfig fields."""
+    closest to the question (`evidence`), not the whole chunks. `snap`: the answer is the source sentence the
+    reply draws on (`snap_to_source`; the reply, still streamed, is kept as `generated`). `history`: earlier
+    turns of a conversation; `options`: GenerationConfig fields."""
     from lmforge.generate import stream
 
     hits = index.search(question, k, mode)
@@ -162,6 +218,8 @@ def answer(model: Any, tokenizer: Any, index: Index, question: str, k: int = 3, 
         text += piece
         if on_piece is not None:
             on_piece(piece)
+    if snap:
+        return Answer(snap_to_source(text, question, kept), kept, len(ids), generated=text)
     return Answer(text, kept, len(ids))
 
 
@@ -229,11 +287,17 @@ def retrieval_metrics(index: Index, questions: Sequence[tuple[list[dict[str, str
 
 def evaluate(model: Any, tokenizer: Any, index: Index, path: str | os.PathLike, k: int = 3, mode: str = "hybrid",
              max_new_tokens: int = 32, baseline: bool = True, modes: Sequence[str] = MODES, recall_at: int = 5,
-             batch_size: int = 8, placement: str = "user", sentences: int = 0) -> dict[str, Any]:
+             batch_size: int = 8, placement: str = "user", sentences: int = 0, snap: bool = False) -> dict[str, Any]:
     """Retrieval metrics of every mode (recall@1, recall@`recall_at`, MRR), and greedy answer accuracy (exact /
     contains, as the SFT recipe scores it) without retrieval (`baseline`) and with `k` chunks of `mode` in the
-    prompt (or, `sentences` > 0, their `sentences` best sentences: `evidence`), on the questions in `path`."""
-    from lmforge.recipes.common import answer_accuracy
+    prompt (or, `sentences` > 0, their `sentences` best sentences: `evidence`), on the questions in `path`.
+    `snap`: also the accuracy of the same replies snapped to the source sentence they draw on
+    (`snap_to_source`, as `with_rag_snapped`), and of the best-ranked source sentence alone, no model
+    (`first_source`: what retrieval gives by itself)."""
+    import torch
+
+    from lmforge.generate import generate
+    from lmforge.recipes.common import _normalise, answer_accuracy
 
     questions = read_questions(path)
     result: dict[str, Any] = {"n": len(questions), "k": k, "mode": mode, "sentences": sentences,
@@ -244,12 +308,34 @@ def evaluate(model: Any, tokenizer: Any, index: Index, path: str | os.PathLike, 
                  for m, ref, _ in questions]
         result["without_rag"] = answer_accuracy(model, tokenizer, plain, max_new_tokens, batch_size)
     context = model.config.max_seq_len
-    prompts = []
-    for msgs, ref, _ in questions:
+    prompts, given = [], []
+    for msgs, *_ in questions:
         hits = index.search(msgs[-1]["content"], k, mode)
         if sentences > 0:
             hits = evidence(index, msgs[-1]["content"], hits, sentences)
-        prompts.append((fit_prompt(tokenizer, msgs, hits, context, min(max_new_tokens, context // 2),
-                                   placement)[0], ref))
-    result["with_rag"] = answer_accuracy(model, tokenizer, prompts, max_new_tokens, batch_size)
+        ids, kept, _ = fit_prompt(tokenizer, msgs, hits, context, min(max_new_tokens, context // 2), placement)
+        prompts.append(ids)
+        given.append(kept)
+    replies = []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            replies += [tokenizer.decode(out, skip_special_tokens=True) for out in
+                        generate(model, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, tokenizer=tokenizer)]
+    model.train(was_training)
+
+    def accuracy(texts: Sequence[str]) -> dict[str, float]:
+        refs = [_normalise(ref) for _, ref, _ in questions]
+        got = [_normalise(t) for t in texts]
+        return {"exact_match": sum(g == r for g, r in zip(got, refs)) / len(refs),
+                "contains": sum(r in g for g, r in zip(got, refs)) / len(refs), "n": len(refs)}
+
+    result["with_rag"] = accuracy(replies)
+    result["replies"] = replies
+    if snap:
+        asked = [msgs[-1]["content"] for msgs, _, _ in questions]
+        result["with_rag_snapped"] = accuracy([snap_to_source(r, q, h) for r, q, h in zip(replies, asked, given)])
+        best = given if sentences > 0 else [evidence(index, q, h, 1) for q, h in zip(asked, given)]
+        result["first_source"] = accuracy([h[0].text if h else "" for h in best])
     return result
