@@ -15,6 +15,9 @@ quantized size."""
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -181,6 +184,40 @@ def _share_tied_table(model: nn.Module) -> None:
         model.tok_emb = QuantEmbedding(head, model.tok_emb.weight.dtype)
 
 
+HUGE_PAGE = 2 << 20
+
+
+def _on_huge_pages(model: nn.Module) -> None:
+    """Moves the quantized modules' tensors (CPU) into one buffer backed by 2 MiB pages, where Linux gives them
+    (transparent huge pages; in their default "madvise" mode only memory that asks for them gets them). A decode
+    step streams every weight once: with 4 KiB pages the TLB misses every 4 KiB of it; measured on a 2-core EPYC
+    (C), int8 products of SmolLM2's 30 layers and head: 4.5-5.4 ms a token on huge pages against 5.8-6.0 ms. The
+    modules keep their Parameter objects (their .data moves); nothing changes where huge pages are not offered."""
+    mods = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+    params = [p for m in mods for p in ([m.q, m.scale] if isinstance(m, Int8Linear) else [m.packed, m.scale, m.minimum])
+              if p.device.type == "cpu"]
+    offsets, total = [], 0
+    for p in params:
+        total = -(-total // 64) * 64  # each tensor 64-byte aligned
+        offsets.append(total)
+        total += p.nbytes
+    if total < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return
+    buf = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages
+        return
+    view = ctypes.c_char.from_buffer(buf)
+    start = -ctypes.addressof(view) % HUGE_PAGE  # the first 2 MiB boundary in it
+    del view
+    arena = torch.frombuffer(buf, dtype=torch.uint8)  # holds `buf` (unmapped when the last tensor goes)
+    for p, at in zip(params, offsets):
+        moved = arena[start + at:start + at + p.nbytes].view(p.dtype).view(p.shape)
+        moved.copy_(p.data)
+        p.data = moved
+
+
 def _prebuild_step() -> None:
     """Starts compiling the C++ decode step a quantized model will run (`kernels/step.py`) in another process,
     while this one builds the GEMV kernels: on first use ~20 s in all, not ~20 s each."""
@@ -212,6 +249,7 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
             new.kernel = True
         setattr(parent, name, new.to(child.weight.device))
     _share_tied_table(model)
+    _on_huge_pages(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -253,6 +291,7 @@ def load_gguf_blocks(model: nn.Module, path) -> nn.Module:
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
         setattr(parent, name.rpartition(".")[2], new.to(child.weight.device))
     _share_tied_table(model)
+    _on_huge_pages(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
