@@ -472,6 +472,14 @@ def test_the_command_line_end_to_end(tmp_path, tiny_long, minilm, capsys, monkey
           "How do I descale with citric acid?"])
     cited = capsys.readouterr().out.split("Sources:")[1].strip().splitlines()
     assert len(cited) == 1 and cited[0].startswith("[1] ") and "care.md, chunk 0" in cited[0], "one sentence's chunk"
+    main(["rag", "ask", "--index", index, "--model", str(tiny_long), "--max-new-tokens", "3", "--sentences", "2",
+          "--snap", "How do I descale with citric acid?"])
+    out = capsys.readouterr().out
+    assert "From the sources: " in out and "Sources:" in out.split("From the sources: ")[1]
+    main(["rag", "ask", "--index", index, "--model", str(tiny_long), "--max-new-tokens", "3", "--sentences", "2",
+          "--snap", "How do I descale with citric acid?"])
+    out = capsys.readouterr().out
+    assert "From the sources: " in out and "Sources:" in out.split("From the sources: ")[1]
     qa = tmp_path / "qa.jsonl"
     qa.write_text("".join(json.dumps(r) + "\n" for r in [
         {"prompt": "What does E4 mean?", "response": "limescale build-up"},
@@ -479,6 +487,10 @@ def test_the_command_line_end_to_end(tmp_path, tiny_long, minilm, capsys, monkey
     main(["rag", "eval", "--index", index, "--model", str(tiny_long), "--data", str(qa), "--max-new-tokens", "2"])
     out = capsys.readouterr().out
     assert "recall@1" in out and "hybrid" in out and "without RAG" in out and "with RAG" in out
+    main(["rag", "eval", "--index", index, "--model", str(tiny_long), "--data", str(qa), "--max-new-tokens", "2",
+          "--no-baseline", "--snap"])
+    out = capsys.readouterr().out
+    assert "snapped: exact" in out and "the best-ranked source sentence alone, no model: exact" in out
     lines = iter(["What is the pairing code?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     main(["chat", "--model", str(tiny_long), "--rag", index, "--max-new-tokens", "2"])
