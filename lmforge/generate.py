@@ -150,10 +150,10 @@ def make_step(model: Transformer, compile: bool, key_valid: torch.Tensor, offset
               prompt_len: int, native: NativeStep | None = None) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
     """The decode step of one generate() call: step(token (B, 1), pos (1,), t) -> logits (B, vocab), t the
     steps taken before. key_valid (B, L) is False at pad slots; offsets (B, 1) the left-pad counts (None: no
-    padding). With `native` (`kernels.step.native_step`: an fp32 LLaMA-family CPU model, quantized or not) the
-    whole step is one C++ call, compile or not; otherwise eager, the step attends to the filled slots; compiled, to the
+    padding). With `native` (`kernels.step.native_step`: a quantized fp32 LLaMA-family model on CPU) the whole
+    step is one C++ call, compile or not; otherwise eager, the step attends to the filled slots; compiled, to the
     whole cache with CUDA graphs (fixed shapes) or to the filled slots with a dynamic length on CPU (one graph)."""
-    if native is not None:  # a covered fp32 CPU model: the whole step in one C++ call (kernels/step.py)
+    if native is not None:  # a covered quantized CPU model: the whole step in one C++ call (kernels/step.py)
         return lambda token, pos, t: native(token, pos, None if offsets is None else key_valid, offsets)
     if not compile:
         if offsets is None:

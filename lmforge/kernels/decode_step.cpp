@@ -1,9 +1,10 @@
 // A whole decode step of a LLaMA-family model in one call: embedding -> per layer RMSNorm, the fused QKV
 // product, RoPE (half-split or interleaved, partial rotary), the new K/V written into the cache, attention over
 // the filled slots (GQA / MQA / MHA), the output product and residual, RMSNorm, the fused gate/up product,
-// SiLU(gate) * up, the down product and residual -> final RMSNorm -> LM head, for B rows (1 to any) at one
-// cache slot. Weights: lmforge.quantize's int8 / int4 blocks (GGUF Q8_0 / Q4_0 / Q4_1 as they are) or float
-// matrices; activations, the KV cache and every sum fp32. `lmforge.kernels.step` packs a model for it.
+// SiLU(gate) * up, the down product and residual -> final RMSNorm -> LM head, for B rows (1 to any), each at its
+// own cache slot, one new token a row or a short prompt. Weights: lmforge.quantize's int8 / int4 blocks (GGUF
+// Q8_0 / Q4_0 / Q4_1 as they are) or float matrices; activations, the KV cache and every sum fp32.
+// `lmforge.kernels.step` packs a model for it.
 //
 // Why: with 4-bit weights a token of SmolLM2-135M is ~3.7 ms of products on 2 cores, and as a compiled
 // torch graph another ~2.5 ms of serial work around them: dynamo's frame and guards, ~500 arguments passed

@@ -3,7 +3,7 @@
 int8 / int4 linears (a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks; any float ones among them too). `generate` and
 the server take it for every decode step of such a model and for prompts of up to PREFILL_ROWS tokens; any
 other model, module (LoRA's wrappers, another attention, hooks) or device keeps the module path, eager or
-compiled. Float models keep it too: there torch's products (the compiled graph's fp32 reduction for one row,
+compiled. Float models keep the module path too: there torch's products (the compiled graph's fp32 reduction for one row,
 MKL / OpenBLAS for prompts) were faster than the C++ step's (SmolLM2 f32, 1 thread: 40.2 against 31.7 tok/s).
 
 Why a native step: with 4-bit weights the products of a SmolLM2-135M token take ~3.7 ms on 2 cores, and a
