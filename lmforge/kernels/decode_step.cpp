@@ -22,6 +22,7 @@
 #include "half_gemv.h"
 #include "int4_gemv.h"
 #include "int8_gemv.h"
+#include "rows.h"
 
 #include <algorithm>
 #include <cmath>
@@ -133,31 +134,12 @@ struct Linear {
 
 // out = x / rms(x) * w for each of M rows of n values (as F.rms_norm in fp32)
 void rms_norm(const float* x, const float* w, float* out, int64_t M, int64_t n, float eps) {
-  for (int64_t m = 0; m < M; ++m, x += n, out += n) {
-    Vec acc(0.f);
-    int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      const Vec v = Vec::loadu(x + i);
-      acc = at::vec::fmadd(v, v, acc);
-    }
-    float ss = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
-    for (; i < n; ++i) ss += x[i] * x[i];
-    const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-    for (i = 0; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(x + i) * Vec(r) * Vec::loadu(w + i)).store(out + i);
-    for (; i < n; ++i) out[i] = x[i] * r * w[i];
-  }
+  for (int64_t m = 0; m < M; ++m) lmforge_rows::rms_norm(x + m * n, w, out + m * n, n, eps);
 }
 
 // y[m] = silu(gate) * up of each row's fused (gate | up) product of 2f values
 void silu_mul(const float* gu, float* y, int64_t M, int64_t f) {
-  for (int64_t m = 0; m < M; ++m, gu += 2 * f, y += f) {
-    int64_t i = 0;
-    for (; i + Vec::size() <= f; i += Vec::size()) {
-      const Vec g = Vec::loadu(gu + i);
-      (g / (Vec(1.f) + g.neg().exp()) * Vec::loadu(gu + f + i)).store(y + i);
-    }
-    for (; i < f; ++i) y[i] = gu[i] / (1.f + std::exp(-gu[i])) * gu[f + i];
-  }
+  for (int64_t m = 0; m < M; ++m) lmforge_rows::silu_mul(gu + 2 * f * m, gu + 2 * f * m + f, y + f * m, f);
 }
 
 class DecodeStep : public torch::CustomClassHolder {
@@ -172,7 +154,7 @@ class DecodeStep : public torch::CustomClassHolder {
         eps_(static_cast<float>(eps)) {
     const int64_t L = c.at(7);
     TORCH_CHECK(static_cast<int64_t>(t.size()) == 8 + 20 * L, "decode_step: expected ", 8 + 20 * L, " tensors");
-    TORCH_CHECK(H_ % KV_ == 0 && D_ % 8 == 0 && R_ % 2 == 0 && R_ <= D_ && R_ <= 1024,
+    TORCH_CHECK(H_ % KV_ == 0 && D_ % 8 == 0 && R_ % 2 == 0 && R_ <= D_,
                 "decode_step: heads must share K/V heads evenly, head_dim be a multiple of 8 and rope_dim even");
     table_ = t[0], cos_ = t[1], sin_ = t[2], norm_ = t[3];
     head_ = Linear(t[4], t[5], t[6], t[7], "lm_head");
@@ -324,17 +306,9 @@ class DecodeStep : public torch::CustomClassHolder {
                 ": an RMSNorm weight float32 (dim,)");
   }
 
-  // rotates the first R_ dims of each of n heads of D_ values: x * C + swap(x) * S (model.apply_rope)
+  // rotates the first R_ dims of each of n heads of D_ values in place (model.apply_rope)
   void rope(float* x, int64_t n, const float* C, const float* S) const {
-    const int64_t half = R_ / 2;
-    float tmp[1024];
-    for (int64_t h = 0; h < n; ++h, x += D_) {
-      std::copy_n(x, R_, tmp);
-      for (int64_t i = 0; i < R_; ++i) {
-        const int64_t j = interleaved_ ? (i ^ 1) : (i < half ? i + half : i - half);
-        x[i] = tmp[i] * C[i] + tmp[j] * S[i];
-      }
-    }
+    for (int64_t h = 0; h < n; ++h) lmforge_rows::rope(x + h * D_, C, S, x + h * D_, R_, D_, interleaved_);
   }
 
   static void add(float* x, const float* y, int64_t n) {

@@ -13,6 +13,8 @@
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
+#include "rows.h"
+
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -36,7 +38,7 @@ void for_rows(int64_t rows, int64_t cols, const F& f) {
   });
 }
 
-inline Vec sigmoid(const Vec& x) { return Vec(1.f) / (Vec(1.f) + x.neg().exp()); }
+using lmforge_rows::sigmoid;
 
 }  // namespace
 
@@ -51,16 +53,7 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   const float *G = gate.data_ptr<float>(), *U = up.data_ptr<float>();
   float* O = out.data_ptr<float>();
   const int64_t sg = gate.stride(0), su = up.stride(0);
-  for_rows(N, F, [&](int64_t r) {
-    const float *g = G + r * sg, *u = U + r * su;
-    float* o = O + r * F;
-    int64_t j = 0;
-    for (; j + Vec::size() <= F; j += Vec::size()) {
-      Vec x = Vec::loadu(g + j);
-      (x * sigmoid(x) * Vec::loadu(u + j)).store(o + j);
-    }
-    for (; j < F; ++j) o[j] = g[j] / (1.f + std::exp(-g[j])) * u[j];
-  });
+  for_rows(N, F, [&](int64_t r) { lmforge_rows::silu_mul(G + r * sg, U + r * su, O + r * F, F); });
   return out;
 }
 
@@ -156,15 +149,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tenso
   const float *X = x.data_ptr<float>(), *W = weight.data_ptr<float>();
   float *Y = y.data_ptr<float>(), *R = rstd.data_ptr<float>();
   const int64_t sx = x.stride(0);
-  for_rows(N, D, [&](int64_t r) {
-    const float* xr = X + r * sx;
-    float* yr = Y + r * D;
-    float ss = at::vec::map_reduce_all<float>([](Vec v) { return v * v; },
-                                              [](Vec& a, Vec& b) { return a + b; }, xr, D);
-    const float rs = 1.f / std::sqrt(ss / D + static_cast<float>(eps));
-    R[r] = rs;
-    at::vec::map2([rs](Vec v, Vec w) { return v * Vec(rs) * w; }, yr, xr, W, D);
-  });
+  for_rows(N, D, [&](int64_t r) { R[r] = lmforge_rows::rms_norm(X + r * sx, W, Y + r * D, D, static_cast<float>(eps)); });
   return {y, rstd};
 }
 
@@ -226,26 +211,13 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& C, const at::Tensor& S, b
   at::Tensor out = at::empty({B, T, H, D}, x.options());
   const float *X = x.data_ptr<float>(), *Cp = C.data_ptr<float>(), *Sp = S.data_ptr<float>();
   float* O = out.data_ptr<float>();
-  const int64_t half = r / 2;
   at::parallel_for(0, B * T, std::max<int64_t>(1, (1 << 12) / std::max<int64_t>(H * D, 1)), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / T, t = i % T;
       const float *c = Cp + b * C.stride(0) + t * C.stride(1), *s = Sp + b * S.stride(0) + t * S.stride(1);
       for (int64_t h = 0; h < H; ++h) {
-        const float* xh = X + b * x.stride(0) + t * x.stride(1) + h * x.stride(2);
-        float* oh = O + ((b * T + t) * H + h) * D;
-        if (interleaved) {
-          for (int64_t j = 0; j < r; j += 2) {
-            oh[j] = xh[j] * c[j] + xh[j + 1] * s[j];
-            oh[j + 1] = xh[j + 1] * c[j + 1] + xh[j] * s[j + 1];
-          }
-        } else {
-          for (int64_t j = 0; j < half; ++j) {
-            oh[j] = xh[j] * c[j] + xh[j + half] * s[j];
-            oh[j + half] = xh[j + half] * c[j + half] + xh[j] * s[j + half];
-          }
-        }
-        for (int64_t j = r; j < D; ++j) oh[j] = xh[j];
+        lmforge_rows::rope(X + b * x.stride(0) + t * x.stride(1) + h * x.stride(2), c, s,
+                           O + ((b * T + t) * H + h) * D, r, D, interleaved);
       }
     }
   });

@@ -294,10 +294,7 @@ def evaluate(model: Any, tokenizer: Any, index: Index, path: str | os.PathLike, 
     `snap`: also the accuracy of the same replies snapped to the source sentence they draw on
     (`snap_to_source`, as `with_rag_snapped`), and of the best-ranked source sentence alone, no model
     (`first_source`: what retrieval gives by itself)."""
-    import torch
-
-    from lmforge.generate import generate
-    from lmforge.recipes.common import _normalise, answer_accuracy
+    from lmforge.recipes.common import answer_accuracy, greedy_replies, score_answers
 
     questions = read_questions(path)
     result: dict[str, Any] = {"n": len(questions), "k": k, "mode": mode, "sentences": sentences,
@@ -316,20 +313,11 @@ def evaluate(model: Any, tokenizer: Any, index: Index, path: str | os.PathLike, 
         ids, kept, _ = fit_prompt(tokenizer, msgs, hits, context, min(max_new_tokens, context // 2), placement)
         prompts.append(ids)
         given.append(kept)
-    replies = []
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            replies += [tokenizer.decode(out, skip_special_tokens=True) for out in
-                        generate(model, prompts[i:i + batch_size], max_new_tokens=max_new_tokens, tokenizer=tokenizer)]
-    model.train(was_training)
+    replies = greedy_replies(model, tokenizer, prompts, max_new_tokens, batch_size)
+    refs = [ref for _, ref, _ in questions]
 
     def accuracy(texts: Sequence[str]) -> dict[str, float]:
-        refs = [_normalise(ref) for _, ref, _ in questions]
-        got = [_normalise(t) for t in texts]
-        return {"exact_match": sum(g == r for g, r in zip(got, refs)) / len(refs),
-                "contains": sum(r in g for g, r in zip(got, refs)) / len(refs), "n": len(refs)}
+        return score_answers(texts, refs)
 
     result["with_rag"] = accuracy(replies)
     result["replies"] = replies

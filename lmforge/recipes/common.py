@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,25 +199,35 @@ def _normalise(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().casefold().rstrip(".。!！")
 
 
-def answer_accuracy(model, tokenizer, prompts: list[tuple[list[int], str]], max_new_tokens: int,
-                    batch_size: int = 16) -> dict[str, float]:
-    """Greedy answers to held-out prompts: exact match (normalised) and 'contains the reference'."""
+def greedy_replies(model, tokenizer, prompts: Sequence[list[int]], max_new_tokens: int,
+                   batch_size: int = 16) -> list[str]:
+    """The greedy reply to each prompt (token ids), as text, `batch_size` prompts a generate() call."""
     from lmforge.generate import generate
 
-    exact = contains = 0
+    replies: list[str] = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for i in range(0, len(prompts), batch_size):
-            chunk = prompts[i:i + batch_size]
-            outs = generate(model, [p for p, _ in chunk], max_new_tokens=max_new_tokens, tokenizer=tokenizer)
-            for (_, ref), out in zip(chunk, outs):
-                got = _normalise(tokenizer.decode(out, skip_special_tokens=True))
-                exact += got == _normalise(ref)
-                contains += _normalise(ref) in got
+            outs = generate(model, list(prompts[i:i + batch_size]), max_new_tokens=max_new_tokens, tokenizer=tokenizer)
+            replies += [tokenizer.decode(out, skip_special_tokens=True) for out in outs]
     model.train(was_training)
-    n = max(len(prompts), 1)
-    return {"exact_match": exact / n, "contains": contains / n, "n": len(prompts)}
+    return replies
+
+
+def score_answers(replies: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
+    """Exact match (normalised) and 'contains the reference' of replies against their references."""
+    got, want = [_normalise(r) for r in replies], [_normalise(r) for r in refs]
+    n = max(len(want), 1)
+    return {"exact_match": sum(g == w for g, w in zip(got, want)) / n,
+            "contains": sum(w in g for g, w in zip(got, want)) / n, "n": len(want)}
+
+
+def answer_accuracy(model, tokenizer, prompts: list[tuple[list[int], str]], max_new_tokens: int,
+                    batch_size: int = 16) -> dict[str, float]:
+    """Greedy answers to held-out prompts: exact match (normalised) and 'contains the reference'."""
+    replies = greedy_replies(model, tokenizer, [p for p, _ in prompts], max_new_tokens, batch_size)
+    return score_answers(replies, [ref for _, ref in prompts])
 
 
 def init_run_distributed(cfg: Any, dist: Any = None) -> Any:
