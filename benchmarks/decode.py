@@ -4,7 +4,9 @@ Batch 1, a 32-token prompt, 256 new tokens, greedy, no early stop. Runs alternat
 lmforge, ...) in one process, so both see the same machine load; the median round is reported. tokens/s
 counts new tokens over the whole generate() call (prefill of the 32-token prompt included, for both).
 The bandwidth limit is copy bandwidth / weight bytes read per token (every weight matrix once, the tied
-embedding once as the LM head); "% of limit" is how close a run gets to it.
+embedding once as the LM head); "% of limit" is how close a run gets to it. The copy bandwidth is measured again
+before each lmforge round (a shared host's bandwidth moves by 2x within minutes): the "% of limit" columns are
+the median of each round's tokens/s over the limit measured with it, and "copy GB/s" the median measurement.
 
     python benchmarks/decode.py --threads 1             # CPU, fp32 and bf16 (1 thread: steady on a shared box)
     python benchmarks/decode.py --device cuda --dtype bf16  # + torch.compile'd decode (CUDA graphs)
@@ -129,16 +131,24 @@ def bench(path: Path, device: torch.device, dtype: torch.dtype, prompt_len: int,
         model.setup_cache(1, prompt_len + new)
     ours(8 if not compile else new)  # warm up (and compile)
     theirs(8)
-    t_ours, t_theirs, same = [], [], 0  # same: tokens agreeing before the first difference
+    t_ours, t_theirs, bws, same = [], [], [], 0  # same: tokens agreeing before the first difference
     for _ in range(rounds):
+        bws.append(copy_bandwidth(device))
         t, a = timed(ours, device)
         t_ours.append(t)
         t, b = timed(theirs, device)
         t_theirs.append(t)
         same = next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), len(a))
     model.clear_cache()
+    nbytes = weight_bytes(model)
     return dict(ours=new / statistics.median(t_ours), theirs=new / statistics.median(t_theirs), same=same,
-                bytes=weight_bytes(model))
+                bytes=nbytes, bw=statistics.median(bws), of_limit=of_limit(new, t_ours, bws, nbytes),
+                theirs_of_limit=of_limit(new, t_theirs, bws, nbytes))
+
+
+def of_limit(new: int, seconds: list[float], bws: list[float], nbytes: int) -> float:
+    """The median over rounds of tokens/s against the bandwidth limit measured in the same round."""
+    return statistics.median(new / t / (bw / nbytes) for t, bw in zip(seconds, bws))
 
 
 def write_types(path: Path, types: list[str], out: Path) -> dict[str, Path]:
@@ -185,8 +195,9 @@ def bench_file(kind: str, file: Path, tool: Path | None, threads: int, prompt_le
     if compile:
         model.setup_cache(1, prompt_len + new + 1)
     ours(new + 1)  # warm up (and compile)
-    t_ours, t_first, t_theirs = [], [], []
+    t_ours, t_first, t_theirs, bws = [], [], [], []
     for _ in range(rounds):
+        bws.append(copy_bandwidth(torch.device("cpu")))
         # decoding alone, as llama-bench's -n: `new` tokens after the first (the prompt's prefill and the first
         # token timed apart and subtracted)
         t_first.append(timed(lambda: ours(1), torch.device("cpu"))[0])
@@ -194,8 +205,12 @@ def bench_file(kind: str, file: Path, tool: Path | None, threads: int, prompt_le
         if tool is not None:
             t_theirs.append(new / llama_bench(tool, file, threads, new))
     model.clear_cache()
-    r = dict(ours=new / statistics.median(t_ours), first=statistics.median(t_first), bytes=weight_bytes(model),
-             file=file.stat().st_size, theirs=new / statistics.median(t_theirs) if t_theirs else None)
+    nbytes = weight_bytes(model)
+    r = dict(ours=new / statistics.median(t_ours), first=statistics.median(t_first), bytes=nbytes,
+             file=file.stat().st_size, theirs=new / statistics.median(t_theirs) if t_theirs else None,
+             bw=statistics.median(bws), of_limit=of_limit(new, t_ours, bws, nbytes),
+             theirs_of_limit=of_limit(new, t_theirs, bws, nbytes) if t_theirs else float("nan"),
+             rounds=[(new / t, bw / 1e9) for t, bw in zip(t_ours, bws)])
     if text is not None:
         r["ppl"] = perplexity(model, tok, [text.read_text()], seq_len=ctx, score_from=ctx // 2, progress=False)["ppl"]
         r["ppl_theirs"] = llama_perplexity(tool, file, text, threads, ctx) if tool is not None else None
@@ -207,8 +222,7 @@ def main_gguf(args: argparse.Namespace) -> None:
     tool = Path(args.llama_cpp).expanduser() if args.llama_cpp else None
     threads = torch.get_num_threads()
     text = Path(args.perplexity) if args.perplexity else None
-    bw = copy_bandwidth(torch.device("cpu"))
-    print(f"torch {torch.__version__}; CPU, {threads} threads, copy bandwidth {bw / 1e9:.1f} GB/s; prompt "
+    print(f"torch {torch.__version__}; CPU, {threads} threads; prompt "
           f"{args.prompt_tokens}, new tokens {args.new_tokens}, {args.rounds} alternating rounds, compile={args.compile}, "
           f"{'module step' if args.module_step else 'C++ step where it covers the model'}; "
           f"llama.cpp: {tool or 'not given'}")
@@ -217,20 +231,22 @@ def main_gguf(args: argparse.Namespace) -> None:
         rows = {t: bench_file(t, files[t], tool, threads, args.prompt_tokens, args.new_tokens, args.rounds,
                               args.compile, text, args.ctx) for t in args.gguf_types}
     print(f"{'GGUF':6} {'file MB':>8} {'prefill ms':>10} {'lmforge tok/s':>14} {'llama.cpp':>10} {'ratio':>6} "
-          f"{'limit tok/s':>12} {'lmforge %':>10} {'llama %':>8}" + (f" {'ppl lmforge (d f32)':>20} {'ppl llama.cpp (d f32)':>22}"
+          f"{'copy GB/s':>9} {'limit tok/s':>12} {'lmforge %':>10} {'llama %':>8}" + (f" {'ppl lmforge (d f32)':>20} {'ppl llama.cpp (d f32)':>22}"
                                                    if text else ""))
     base = rows.get("f32")
     for t, r in rows.items():
-        limit = bw / r["bytes"]
         theirs = r["theirs"]
         line = (f"{t:6} {r['file'] / 1e6:8.1f} {1e3 * r['first']:10.1f} {r['ours']:14.1f} {theirs or float('nan'):10.1f} "
-                f"{r['ours'] / theirs if theirs else float('nan'):5.2f}x {limit:12.1f} {100 * r['ours'] / limit:9.0f}% "
-                f"{100 * (theirs or float('nan')) / limit:7.0f}%")
+                f"{r['ours'] / theirs if theirs else float('nan'):5.2f}x {r['bw'] / 1e9:9.1f} {r['bw'] / r['bytes']:12.1f} "
+                f"{100 * r['of_limit']:9.0f}% {100 * r['theirs_of_limit']:7.0f}%")
         if text:
             d_ours = f"({r['ppl'] - base['ppl']:+.3f})" if base else ""
             d_theirs = f"({r['ppl_theirs'] - base['ppl_theirs']:+.3f})" if base and r["ppl_theirs"] else ""
             line += f" {r['ppl']:11.3f} {d_ours:>8} {r['ppl_theirs'] or float('nan'):13.3f} {d_theirs:>8}"
         print(line)
+    for t, r in rows.items():
+        print(f"{t}: lmforge tok/s at the copy GB/s measured before it, per round: "
+              + ", ".join(f"{v:.1f} at {bw:.1f}" for v, bw in r["rounds"]))
 
 
 def main() -> None:
@@ -267,24 +283,22 @@ def main() -> None:
     compile = args.compile or device.type == "cuda"
     dtypes = args.dtype or (["bf16"] if device.type == "cuda" else ["fp32", "bf16"])
     path = gguf_path(args.gguf)
-    bw = copy_bandwidth(device)
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}; "
-          f"device {device} ({torch.get_num_threads()} threads), copy bandwidth {bw / 1e9:.1f} GB/s, "
+          f"device {device} ({torch.get_num_threads()} threads), "
           f"prompt {args.prompt_tokens}, new tokens {args.new_tokens}, {args.rounds} alternating rounds, "
           f"compile={compile}, {'module step' if args.module_step else 'C++ step where it covers the model'}")
     print(f"{'dtype':10} {'lmforge tok/s':>14} {'transformers':>13} {'ratio':>6} {'weights MB':>11} "
-          f"{'limit tok/s':>12} {'lmforge %':>10} {'hf %':>6} {'same tokens':>12}")
+          f"{'copy GB/s':>9} {'limit tok/s':>12} {'lmforge %':>10} {'hf %':>6} {'same tokens':>12}")
     runs = [(name, None) for name in dtypes] + [(name, q) for q in args.quantize or () for name in dtypes]
     for name, q in runs:
         r = bench(path, device, resolve_dtype(name), args.prompt_tokens, args.new_tokens, args.rounds, compile,
                   args.hf_gguf, q)
         name = f"{name}+{q}" if q else name
-        limit = bw / r["bytes"]
         print(f"{name:10} {r['ours']:14.1f} {r['theirs']:13.1f} {r['ours'] / r['theirs']:5.2f}x "
-              f"{r['bytes'] / 1e6:11.1f} {limit:12.1f} {100 * r['ours'] / limit:9.0f}% "
-              f"{100 * r['theirs'] / limit:5.0f}% {r['same']:>5}/{args.new_tokens}")
+              f"{r['bytes'] / 1e6:11.1f} {r['bw'] / 1e9:9.1f} {r['bw'] / r['bytes']:12.1f} {100 * r['of_limit']:9.0f}% "
+              f"{100 * r['theirs_of_limit']:5.0f}% {r['same']:>5}/{args.new_tokens}")
 
 
 if __name__ == "__main__":

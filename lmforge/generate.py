@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lmforge.kernels import accelerate
-from lmforge.kernels.step import PREFILL_ROWS, NativeStep, native_step
+from lmforge.kernels.step import NativeStep, native_step
 from lmforge.model import Transformer
 from lmforge.utils import placement_errors
 
@@ -150,10 +150,10 @@ def make_step(model: Transformer, compile: bool, key_valid: torch.Tensor, offset
               prompt_len: int, native: NativeStep | None = None) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
     """The decode step of one generate() call: step(token (B, 1), pos (1,), t) -> logits (B, vocab), t the
     steps taken before. key_valid (B, L) is False at pad slots; offsets (B, 1) the left-pad counts (None: no
-    padding). With `native` (`kernels.step.native_step`: a quantized fp32 LLaMA-family model on CPU) the whole
+    padding). With `native` (`kernels.step.native_step`: a LLaMA-family CPU model, fp32 quantized or bf16 / fp16) the whole
     step is one C++ call, compile or not; otherwise eager, the step attends to the filled slots; compiled, to the
     whole cache with CUDA graphs (fixed shapes) or to the filled slots with a dynamic length on CPU (one graph)."""
-    if native is not None:  # a covered quantized CPU model: the whole step in one C++ call (kernels/step.py)
+    if native is not None:  # a covered CPU model: the whole step in one C++ call (kernels/step.py)
         return lambda token, pos, t: native(token, pos, None if offsets is None else key_valid, offsets)
     if not compile:
         if offsets is None:
@@ -315,7 +315,7 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
 
     with placement_errors(model):  # a device/dtype mix-up named in one line
         try:
-            if native is not None and B * P <= PREFILL_ROWS:  # a short prompt: the C++ step too
+            if native is not None and native.takes_prompt(B * P):  # a short prompt: the C++ step too
                 logits = native.prefill(ids, offsets if padded else None, key_valid if padded else None)
             else:
                 logits = prefill(model, ids, offsets if padded else None)  # (B, vocab)

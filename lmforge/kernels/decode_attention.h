@@ -44,12 +44,15 @@ struct Mask {
   int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 };
 
-template <typename T>
-void attend(int64_t B, int64_t K, int64_t G, int64_t D, int64_t S, Heads<const T> q, Heads<const T> k,
-            Heads<const T> v, const Mask& mask, float scale, Heads<T> out) {
+// T: the keys' and values' dtype; Q: the queries' and the output's (the same by default; the C++ decode step's
+// fp32 activations against a bf16 / fp16 cache)
+template <typename T, typename Q = T>
+void attend(int64_t B, int64_t K, int64_t G, int64_t D, int64_t S, Heads<const Q> q, Heads<const T> k,
+            Heads<const T> v, const Mask& mask, float scale, Heads<Q> out) {
   const int64_t C = D / 8;
-  const T *Q = q.p, *Kp = k.p, *Vp = v.p;
-  T* O = out.p;
+  const Q* Qp = q.p;
+  const T *Kp = k.p, *Vp = v.p;
+  Q* O = out.p;
   const int64_t qs[3] = {q.s0, q.s1, q.s2}, ks[3] = {k.s0, k.s1, k.s2}, vs[3] = {v.s0, v.s1, v.s2},
                 os[3] = {out.s0, out.s1, out.s2}, ms[4] = {mask.s0, mask.s1, mask.s2, mask.s3};
   const bool* mb = mask.b;
@@ -65,7 +68,7 @@ void attend(int64_t B, int64_t K, int64_t G, int64_t D, int64_t S, Heads<const T
       const T* kh = Kp + b * ks[0] + h * ks[1];
       const T* vh = Vp + b * vs[0] + h * vs[1];
       for (int64_t g = 0; g < G; ++g) {  // scores: 4 keys at a time (independent chains of multiply-adds)
-        const T* qr = Q + b * qs[0] + h * qs[1] + g * qs[2];
+        const Q* qr = Qp + b * qs[0] + h * qs[1] + g * qs[2];
         for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(qr[d]) * sc;
         float* pg = p.data() + g * S;
         int64_t s = 0;
@@ -128,8 +131,8 @@ void attend(int64_t B, int64_t K, int64_t G, int64_t D, int64_t S, Heads<const T
           for (int64_t s = 0; s < S; ++s) a0 = _mm256_fmadd_ps(_mm256_set1_ps(pg[s]), load8(vh + s * vs[2] + 8 * c), a0);
           _mm256_storeu_ps(ag + 8 * c, a0);
         }
-        T* o = O + b * os[0] + h * os[1] + g * os[2];
-        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(ag[d] * inv[g]);
+        Q* o = O + b * os[0] + h * os[1] + g * os[2];
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<Q>(ag[d] * inv[g]);
       }
     }
   });

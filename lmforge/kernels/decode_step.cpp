@@ -3,7 +3,8 @@
 // the filled slots (GQA / MQA / MHA), the output product and residual, RMSNorm, the fused gate/up product,
 // SiLU(gate) * up, the down product and residual -> final RMSNorm -> LM head, for B rows (1 to any), each at its
 // own cache slot, one new token a row or a short prompt. Weights: lmforge.quantize's int8 / int4 blocks (GGUF
-// Q8_0 / Q4_0 / Q4_1 as they are) or float matrices; activations, the KV cache and every sum fp32.
+// Q8_0 / Q4_0 / Q4_1 as they are) or fp32 / bf16 / fp16 matrices; the KV cache fp32, bf16 or fp16 (a bf16 model's
+// own: each new key and value rounded to it once, as the forward writes them); activations and every sum fp32.
 // `lmforge.kernels.step` packs a model for it.
 //
 // Why: with 4-bit weights a token of SmolLM2-135M is ~3.7 ms of products on 2 cores, and as a compiled
@@ -145,10 +146,10 @@ void silu_mul(const float* gu, float* y, int64_t M, int64_t f) {
 class DecodeStep : public torch::CustomClassHolder {
  public:
   // ints: dim, n_heads, n_kv_heads, head_dim, ffn_dim, rope_dim, interleaved (0/1), n_layers.
-  // tensors: the embedding table (float (vocab, dim); or empty: the LM head's rows), rope cos and sin (max_len,
-  // rope_dim) fp32, the final norm's weight, the LM head (weight, scale, minimum, bias: empty where none), then
-  // per layer: attention and MLP norm weights, qkv, out, gate_up, down (4 tensors each), the cache's k and v
-  // (batch, n_kv_heads, max_len, head_dim) fp32.
+  // tensors: the embedding table ((vocab, dim) fp32, bf16 or fp16; or empty: the LM head's rows), rope cos and sin
+  // (max_len, rope_dim) fp32, the final norm's weight, the LM head (weight, scale, minimum, bias: empty where none),
+  // then per layer: attention and MLP norm weights, qkv, out, gate_up, down (4 tensors each), the cache's k and v
+  // (batch, n_kv_heads, max_len, head_dim) fp32, bf16 or fp16, every layer's alike. Norm weights and biases fp32.
   DecodeStep(std::vector<at::Tensor> t, std::vector<int64_t> c, double eps)
       : dim_(c.at(0)), H_(c.at(1)), KV_(c.at(2)), D_(c.at(3)), F_(c.at(4)), R_(c.at(5)), interleaved_(c.at(6) != 0),
         eps_(static_cast<float>(eps)) {
@@ -156,16 +157,19 @@ class DecodeStep : public torch::CustomClassHolder {
     TORCH_CHECK(static_cast<int64_t>(t.size()) == 8 + 20 * L, "decode_step: expected ", 8 + 20 * L, " tensors");
     TORCH_CHECK(H_ % KV_ == 0 && D_ % 8 == 0 && R_ % 2 == 0 && R_ <= D_,
                 "decode_step: heads must share K/V heads evenly, head_dim be a multiple of 8 and rope_dim even");
-    table_ = t[0], cos_ = t[1], sin_ = t[2], norm_ = t[3];
+    cos_ = t[1], sin_ = t[2], norm_ = t[3];
     head_ = Linear(t[4], t[5], t[6], t[7], "lm_head");
     for (const at::Tensor* r : {&cos_, &sin_})
       TORCH_CHECK(r->scalar_type() == at::kFloat && r->is_contiguous() && r->dim() == 2 && r->size(1) == R_,
                   "decode_step: rope tables (max_len, rope_dim) float32");
     TORCH_CHECK(head_.K == dim_, "decode_step: the LM head takes ", head_.K, " inputs, not dim ", dim_);
     vocab_ = head_.N;
-    TORCH_CHECK(!given(table_) || (table_.dim() == 2 && table_.size(1) == dim_ && table_.is_contiguous() &&
-                                   table_.scalar_type() == at::kFloat),
-                "decode_step: the embedding table must be float32 (vocab, dim)");
+    if (given(t[0])) {
+      TORCH_CHECK(t[0].dim() == 2 && t[0].size(1) == dim_ && t[0].is_floating_point(),
+                  "decode_step: the embedding table must be float (vocab, dim)");
+      table_ = Linear(t[0], {}, {}, {}, "tok_emb");
+      TORCH_CHECK(table_.N >= vocab_, "decode_step: the embedding table holds ", table_.N, " rows, the head ", vocab_);
+    }
     check_norm(norm_, "norm");
     const int64_t qkv = (H_ + 2 * KV_) * D_;
     for (int64_t l = 0; l < L; ++l) {
@@ -179,10 +183,13 @@ class DecodeStep : public torch::CustomClassHolder {
                       y.gate_up.N == 2 * F_ && y.gate_up.K == dim_ && y.down.N == dim_ && y.down.K == F_,
                   "decode_step: ", n, "* shapes do not match the config");
       for (const at::Tensor* kv : {&y.k, &y.v})
-        TORCH_CHECK(kv->scalar_type() == at::kFloat && kv->dim() == 4 && kv->size(1) == KV_ && kv->size(3) == D_ &&
-                        kv->stride(3) == 1 && kv->sizes() == y.k.sizes() &&
-                        (layers_.empty() || kv->sizes() == layers_[0].k.sizes()),
-                    "decode_step: ", n, "cache must be float32 (batch, n_kv_heads, max_len, head_dim), as every layer's");
+        TORCH_CHECK((kv->scalar_type() == at::kFloat || kv->scalar_type() == at::kBFloat16 ||
+                     kv->scalar_type() == at::kHalf) && kv->dim() == 4 && kv->size(1) == KV_ && kv->size(3) == D_ &&
+                        kv->stride(3) == 1 && kv->sizes() == y.k.sizes() && kv->scalar_type() == y.k.scalar_type() &&
+                        (layers_.empty() || (kv->sizes() == layers_[0].k.sizes() &&
+                                             kv->scalar_type() == layers_[0].k.scalar_type())),
+                    "decode_step: ", n, "cache must be float32, bfloat16 or float16 (batch, n_kv_heads, max_len, "
+                    "head_dim), as every layer's");
       layers_.push_back(std::move(y));
     }
     TORCH_CHECK(!layers_.empty(), "decode_step: a model without layers");
@@ -234,14 +241,13 @@ class DecodeStep : public torch::CustomClassHolder {
         TORCH_CHECK(want[b] >= 0 && want[b] < T, "decode_step: last[", b, "] = ", want[b], " is not one of the ", T, " tokens");
       }
     }
-    const int64_t qkv_n = (H_ + 2 * KV_) * D_, G = H_ / KV_;
+    const int64_t qkv_n = (H_ + 2 * KV_) * D_;
     x_.resize(M * dim_), h_.resize(M * dim_), y_.resize(M * dim_), qkv_.resize(M * qkv_n), att_.resize(M * H_ * D_);
     gu_.resize(M * 2 * F_), a_.resize(M * F_);
     const int64_t* tok = tokens.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < M; ++i) {
       TORCH_CHECK(tok[i] >= 0 && tok[i] < vocab_, "decode_step: token id ", tok[i], " outside the vocabulary of ", vocab_);
-      if (given(table_)) std::copy_n(table_.const_data_ptr<float>() + tok[i] * dim_, dim_, x_.data() + i * dim_);
-      else head_.row(tok[i], x_.data() + i * dim_);
+      (table_.N ? table_ : head_).row(tok[i], x_.data() + i * dim_);
     }
     // the slots each token sees: (T, B, S) with S = the last slot + 1, where padding or rows at different slots
     // need it (one row, or rows at one slot without padding: exactly the first S slots, no mask)
@@ -258,26 +264,10 @@ class DecodeStep : public torch::CustomClassHolder {
     for (Layer& l : layers_) {
       rms_norm(x_.data(), l.attn_norm.const_data_ptr<float>(), h_.data(), M, dim_, eps_);
       l.qkv.apply(h_.data(), qkv_.data(), M);
-      float* kc = l.k.mutable_data_ptr<float>() + row0 * l.k.stride(0);
-      float* vc = l.v.mutable_data_ptr<float>() + row0 * l.v.stride(0);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t t = 0; t < T; ++t) {
-          float* row = qkv_.data() + (b * T + t) * qkv_n;
-          const int64_t slot = pos_[b] + t, p = std::max<int64_t>(0, slot - (off ? off[b] : 0));
-          TORCH_CHECK(p < cos_.size(0), "decode_step: position ", p, " outside the rope tables");
-          rope(row, H_ + KV_, cos_.const_data_ptr<float>() + p * R_, sin_.const_data_ptr<float>() + p * R_);
-          for (int64_t h = 0; h < KV_; ++h) {  // the new key and value into their slot
-            std::copy_n(row + (H_ + h) * D_, D_, kc + b * l.k.stride(0) + h * l.k.stride(1) + slot * l.k.stride(2));
-            std::copy_n(row + (H_ + KV_ + h) * D_, D_, vc + b * l.v.stride(0) + h * l.v.stride(1) + slot * l.v.stride(2));
-          }
-        }
-      for (int64_t t = 0; t < T; ++t) {  // the t-th token of every row: one query row per head
-        lmforge_attn::Mask mask;
-        if (masked) mask.b = reinterpret_cast<const bool*>(mask_.data()) + t * B * S, mask.s0 = S, mask.s3 = 1;
-        lmforge_attn::attend<float>(
-            B, KV_, G, D_, masked ? S : lo + t + 1, {qkv_.data() + t * qkv_n, T * qkv_n, G * D_, D_},
-            {kc, l.k.stride(0), l.k.stride(1), l.k.stride(2)}, {vc, l.v.stride(0), l.v.stride(1), l.v.stride(2)},
-            mask, scale, {att_.data() + t * H_ * D_, T * H_ * D_, G * D_, D_});
+      switch (l.k.scalar_type()) {  // the new keys and values into the cache, then attention over it
+        case at::kFloat: attention<float>(l, B, T, row0, masked, S, lo, off, scale); break;
+        case at::kBFloat16: attention<c10::BFloat16>(l, B, T, row0, masked, S, lo, off, scale); break;
+        default: attention<c10::Half>(l, B, T, row0, masked, S, lo, off, scale);
       }
       l.out.apply(att_.data(), y_.data(), M);
       add(x_.data(), y_.data(), M * dim_);
@@ -306,6 +296,37 @@ class DecodeStep : public torch::CustomClassHolder {
                 ": an RMSNorm weight float32 (dim,)");
   }
 
+  // RoPE on each token's queries and keys (qkv_), its key and value into cache slot pos_[b] + t of cache row
+  // row0 + b (as T: rounded once), then every query row's attention over its row's slots into att_
+  template <typename T>
+  void attention(Layer& l, int64_t B, int64_t T_, int64_t row0, bool masked, int64_t S, int64_t lo,
+                 const int64_t* off, float scale) {
+    const int64_t qkv_n = (H_ + 2 * KV_) * D_, G = H_ / KV_;
+    T* kc = l.k.mutable_data_ptr<T>() + row0 * l.k.stride(0);
+    T* vc = l.v.mutable_data_ptr<T>() + row0 * l.v.stride(0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T_; ++t) {
+        float* row = qkv_.data() + (b * T_ + t) * qkv_n;
+        const int64_t slot = pos_[b] + t, p = std::max<int64_t>(0, slot - (off ? off[b] : 0));
+        TORCH_CHECK(p < cos_.size(0), "decode_step: position ", p, " outside the rope tables");
+        rope(row, H_ + KV_, cos_.const_data_ptr<float>() + p * R_, sin_.const_data_ptr<float>() + p * R_);
+        for (int64_t h = 0; h < KV_; ++h) {  // the new key and value into their slot
+          T* kd = kc + b * l.k.stride(0) + h * l.k.stride(1) + slot * l.k.stride(2);
+          T* vd = vc + b * l.v.stride(0) + h * l.v.stride(1) + slot * l.v.stride(2);
+          const float *ks = row + (H_ + h) * D_, *vs = row + (H_ + KV_ + h) * D_;
+          for (int64_t d = 0; d < D_; ++d) kd[d] = static_cast<T>(ks[d]), vd[d] = static_cast<T>(vs[d]);
+        }
+      }
+    for (int64_t t = 0; t < T_; ++t) {  // the t-th token of every row: one query row per head
+      lmforge_attn::Mask mask;
+      if (masked) mask.b = reinterpret_cast<const bool*>(mask_.data()) + t * B * S, mask.s0 = S, mask.s3 = 1;
+      lmforge_attn::attend<T, float>(
+          B, KV_, G, D_, masked ? S : lo + t + 1, {qkv_.data() + t * qkv_n, T_ * qkv_n, G * D_, D_},
+          {kc, l.k.stride(0), l.k.stride(1), l.k.stride(2)}, {vc, l.v.stride(0), l.v.stride(1), l.v.stride(2)},
+          mask, scale, {att_.data() + t * H_ * D_, T_ * H_ * D_, G * D_, D_});
+    }
+  }
+
   // rotates the first R_ dims of each of n heads of D_ values in place (model.apply_rope)
   void rope(float* x, int64_t n, const float* C, const float* S) const {
     for (int64_t h = 0; h < n; ++h) lmforge_rows::rope(x + h * D_, C, S, x + h * D_, R_, D_, interleaved_);
@@ -320,8 +341,8 @@ class DecodeStep : public torch::CustomClassHolder {
   int64_t dim_, H_, KV_, D_, F_, R_, vocab_ = 0;
   bool interleaved_;
   float eps_;
-  at::Tensor table_, cos_, sin_, norm_;
-  Linear head_;
+  at::Tensor cos_, sin_, norm_;
+  Linear table_, head_;  // table_: no rows (N = 0) when the LM head's rows are the embedding
   std::vector<Layer> layers_;
   std::vector<float> x_, h_, y_, qkv_, att_, gu_, a_;  // activations, reused by every step
   std::vector<int64_t> pos_;  // each row's slot

@@ -1,10 +1,13 @@
 """A whole decode step in one C++ call (`decode_step.cpp`), for the models it covers: LLaMA-family blocks
-(RMSNorm, RoPE, SwiGLU, MHA / GQA / MQA, biases or not, tied or not) in fp32 on CPU, with `lmforge.quantize`'s
-int8 / int4 linears (a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks; any float ones among them too). `generate` and
-the server take it for every decode step of such a model and for prompts of up to PREFILL_ROWS tokens; any
-other model, module (LoRA's wrappers, another attention, hooks) or device keeps the module path, eager or
-compiled. Float models keep the module path too: there torch's products (the compiled graph's fp32 reduction for one row,
-MKL / OpenBLAS for prompts) were faster than the C++ step's (SmolLM2 f32, 1 thread: 40.2 against 31.7 tok/s).
+(RMSNorm, RoPE, SwiGLU, MHA / GQA / MQA, biases or not, tied or not) on CPU, fp32 with `lmforge.quantize`'s
+int8 / int4 linears (a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks; any float ones among them too), or bf16 / fp16
+(float or quantized linears). `generate` and the server take it for every decode step of such a model and for
+prompts of up to PREFILL_ROWS tokens; any other model, module (LoRA's wrappers, another attention, hooks) or
+device keeps the module path, eager or compiled. fp32 models without a quantized linear keep the module path
+too: there torch's products (the compiled graph's fp32 reduction for one row, MKL / OpenBLAS for prompts) were
+faster than the C++ step's (SmolLM2 f32, 1 thread: 40.2 against 31.7 tok/s). A bf16 / fp16 model's step keeps
+its activations in fp32 (its weights and KV cache as they are, each new key and value rounded once), as
+llama.cpp does; its module path rounds every activation to bf16, so the two agree to bf16's precision.
 
 Why a native step: with 4-bit weights the products of a SmolLM2-135M token take ~3.7 ms on 2 cores, and a
 compiled torch graph adds ~2.5 ms of serial work around them (README: figures). It computes what the modules
@@ -17,6 +20,7 @@ import torch
 from torch import nn
 
 from lmforge.kernels import build
+from lmforge.kernels.cpu import gemv_dtypes
 from lmforge.kernels.modules import BlasAttention, CpuLinear, FusedRMSNorm, FusedRoPE, FusedSwiGLU
 from lmforge.model import Attention, Block, RMSNorm, RoPE, SoftmaxAttention, SwiGLU, Transformer
 
@@ -36,8 +40,16 @@ class NativeStep:
     slot + 1) False at pad slots, offsets (B, 1) left-pad counts. `prefill(ids (B, P), ...)` runs a short
     prompt. Both return the next-token logits (B, vocab), fp32."""
 
-    def __init__(self, obj: torch.ScriptObject) -> None:
+    def __init__(self, obj: torch.ScriptObject, prompts: bool = True) -> None:
         self.obj = obj
+        self.prompts = prompts
+
+    def takes_prompt(self, tokens: int) -> bool:
+        """Whether `prefill` should run a prompt of `tokens` tokens (all rows together): up to PREFILL_ROWS, and
+        not for a bf16 / fp16 model (there torch's products of many rows - oneDNN's native bf16 on CPUs with
+        AVX512-BF16, fp32 products of the converted weights on others - prefilled SmolLM2's 32 tokens in 62-66 ms
+        on a 2-core EPYC where the C++ step's 8-row products took 82-86)."""
+        return self.prompts and tokens <= PREFILL_ROWS
 
     def __call__(self, token: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor | None = None,
                  offsets: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,8 +67,16 @@ class NativeStep:
         return self.obj.step(ids.contiguous(), first, key_valid, off, last, 0 if cache_rows is None else cache_rows.start)
 
 
-def _fp32_cpu(*ts: torch.Tensor | None) -> bool:
-    return all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu") for t in ts)
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cpu_float(*ts: torch.Tensor | None) -> bool:
+    return all(t is None or (t.dtype in _FLOATS and t.device.type == "cpu") for t in ts)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """A norm weight, bias or RoPE table as the C++ step takes it: fp32 (a copy where the model is bf16 / fp16)."""
+    return t.detach().float().contiguous()
 
 
 def _linear(m: nn.Module) -> list[torch.Tensor] | None:
@@ -66,14 +86,17 @@ def _linear(m: nn.Module) -> list[torch.Tensor] | None:
 
     none = torch.empty(0)
     b = getattr(m, "bias", None)
-    if not _fp32_cpu(b):
+    if not _cpu_float(b):
         return None
-    bias = none if b is None else b.detach().contiguous()
+    bias = none if b is None else _f32(b)
+    scale = getattr(m, "scale", None)
+    if scale is not None and scale.dtype not in (torch.float32, torch.float16):
+        return None
     if type(m) is Int8Linear and m.q.device.type == "cpu" and (m.in_features // m.scale.shape[1]) % 32 == 0:
         return [m.q, m.scale, none, bias]
     if type(m) is Int4Linear and m.packed.device.type == "cpu":
         return [m.packed, m.scale, m.minimum, bias]
-    if type(m) in (nn.Linear, CpuLinear) and _fp32_cpu(m.weight):
+    if type(m) in (nn.Linear, CpuLinear) and _cpu_float(m.weight):
         return [m.weight.detach().contiguous(), none, none, bias]
     return None
 
@@ -90,36 +113,37 @@ def _hooked(model: nn.Module) -> bool:
 
 def native_step(model: nn.Module, batch: int) -> NativeStep | None:
     """The C++ decode step for `model` (its KV cache set up for at least `batch` rows), or None where it does not
-    apply: kernels off (LMFORGE_CPU_KERNELS=0) or not buildable, not an fp32 CPU model, an architecture or module
+    apply: kernels off (LMFORGE_CPU_KERNELS=0) or not buildable, not a CPU model, an architecture or module
     it does not cover, or forward hooks that expect the modules to run. It runs no autograd: for inference (generate runs under inference_mode)."""
     from lmforge.quantize import QuantEmbedding
 
     if not isinstance(model, Transformer) or not build.kernels_allowed() or _hooked(model):
         return None
     c = model.config
-    if (model.device.type != "cpu" or model.dtype != torch.float32 or c.norm != "rmsnorm" or c.mlp != "swiglu"
+    if (model.device.type != "cpu" or model.dtype not in _FLOATS or c.norm != "rmsnorm" or c.mlp != "swiglu"
             or c.position != "rope" or c.sliding_window is not None or c.embed_norm or c.head_dim % 8
             or c.rope_dim % 2 or not len(model.layers)):
         return None
     caches = [b.attn.cache for b in model.layers]
-    if any(k is None for k in caches) or caches[0].k.shape[0] < batch or caches[0].k.dtype != torch.float32:
+    if any(k is None for k in caches) or caches[0].k.shape[0] < batch or caches[0].k.dtype not in _FLOATS:
         return None
     norms = [model.norm] + [n for b in model.layers for n in (b.attn_norm, b.mlp_norm)]
-    if any(type(n) not in _NORMS or n.eps != c.norm_eps or not _fp32_cpu(n.weight) for n in norms):
+    if any(type(n) not in _NORMS or n.eps != c.norm_eps or not _cpu_float(n.weight) for n in norms):
         return None
     emb = model.tok_emb
     if type(emb) is QuantEmbedding and emb.table is model.lm_head:
         table = torch.empty(0)
-    elif type(emb) is nn.Embedding and _fp32_cpu(emb.weight):
+    elif type(emb) is nn.Embedding and _cpu_float(emb.weight):
         table = emb.weight.detach().contiguous()
     else:
         return None
     head = _linear(model.lm_head)
     if head is None:
         return None
-    if not _fp32_cpu(model.rope_cos, model.rope_sin):
+    if not _cpu_float(model.rope_cos, model.rope_sin):
         return None
-    tensors = [table, model.rope_cos.contiguous(), model.rope_sin.contiguous(), model.norm.weight.detach(), *head]
+    slots = caches[0].k.shape[2]  # positions never pass the cache's length
+    tensors = [table, _f32(model.rope_cos[:slots]), _f32(model.rope_sin[:slots]), _f32(model.norm.weight), *head]
     layer_linears: list[list[torch.Tensor]] = []
     for b in model.layers:
         a, mlp = b.attn, b.mlp
@@ -130,11 +154,13 @@ def native_step(model: nn.Module, batch: int) -> NativeStep | None:
         if any(t is None for t in linears):
             return None
         layer_linears += linears
-        tensors += [b.attn_norm.weight.detach(), b.mlp_norm.weight.detach(), *(t for lin in linears for t in lin),
+        tensors += [_f32(b.attn_norm.weight), _f32(b.mlp_norm.weight), *(t for lin in linears for t in lin),
                     a.cache.k, a.cache.v]
-    if all(lin[1].numel() == 0 for lin in [head] + layer_linears):
-        return None  # no quantized linear: float models keep the module path (the module's docstring)
+    if model.dtype == torch.float32 and all(lin[1].numel() == 0 for lin in [head] + layer_linears):
+        return None  # no quantized linear: fp32 models keep the module path (the module's docstring)
+    if model.dtype != torch.float32 and model.dtype not in gemv_dtypes():
+        return None  # a CPU with AMX: its half products stay oneDNN's (kernels.cpu.gemv_dtypes)
     if not build.load("decode_step"):
         return None
     ints = [c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.rope_dim, int(c.rope_interleaved), c.n_layers]
-    return NativeStep(torch.classes.lmforge.DecodeStep(tensors, ints, float(c.norm_eps)))
+    return NativeStep(torch.classes.lmforge.DecodeStep(tensors, ints, float(c.norm_eps)), model.dtype == torch.float32)

@@ -34,7 +34,7 @@ from lmforge.generate import (
     unseen_text,
 )
 from lmforge.kernels import accelerate
-from lmforge.kernels.step import PREFILL_ROWS, native_step
+from lmforge.kernels.step import native_step
 from lmforge.model import Transformer
 
 log = logging.getLogger("lmforge.serve")
@@ -230,7 +230,7 @@ class Batcher:
                                device=self.model.device)  # (k, longest)
             first = run[0][0]
             rows, lengths_t = slice(first, first + len(run)), torch.tensor(lengths) if len(run) > 1 else None
-            if self.native is not None and ids.numel() <= PREFILL_ROWS:  # short prompts: the C++ step too
+            if self.native is not None and self.native.takes_prompt(ids.numel()):  # short prompts: the C++ step too
                 logits = self.native.prefill(ids, lengths=lengths_t, cache_rows=rows)  # (k, vocab)
             else:
                 logits = prefill(self.model, ids, cache_rows=rows, lengths=lengths_t)  # (k, vocab)

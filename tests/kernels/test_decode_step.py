@@ -25,11 +25,11 @@ def built():
         pytest.skip("the decode_step kernel could not be built here")
 
 
-def tiny(scheme: str | None = None, **kw) -> Transformer:
+def tiny(scheme: str | None = None, dtype: torch.dtype = torch.float32, **kw) -> Transformer:
     torch.manual_seed(0)
     config = {"vocab_size": VOCAB, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 96,
               "max_seq_len": 64, **kw}
-    model = Transformer(ModelConfig(**config)).eval()
+    model = Transformer(ModelConfig(**config)).eval().to(dtype)
     if scheme == "mixed":  # the last block int8, the rest float (the C++ step's float products)
         quantize(model.layers[-1], "int8")
     elif scheme:
@@ -82,6 +82,34 @@ def test_one_step_matches_the_forward(arch, scheme):
         torch.testing.assert_close(k2, k, rtol=1e-4, atol=5e-6), torch.testing.assert_close(v2, v, rtol=1e-4, atol=5e-6)
 
 
+@pytest.mark.parametrize("scheme", [None, "int8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["gqa", "chatglm2-like", "biases", "tied"])
+@torch.inference_mode()
+def test_a_half_model_steps_as_its_forward_to_half_precision(arch, dtype, scheme):
+    """A bf16 / fp16 model (its linears as they are, or int8): its weights and KV cache stay half, the step's
+    activations fp32. The new keys and values are its own cache's dtype, and the logits agree with the forward's
+    (which rounds every activation to half) to half precision - and closer with the fp32 forward of the same
+    weights and cache."""
+    model = tiny(scheme, dtype, **ARCHS[arch])
+    model.setup_cache(3, 32)
+    prefill(model, torch.randint(0, VOCAB, (3, 5)))
+    step = native_step(model, 3)
+    assert step is not None and not step.takes_prompt(5)  # prompts: torch's products of many rows
+    token, pos = torch.randint(0, VOCAB, (3, 1)), torch.tensor([5])
+    before = caches(model)
+    want, want_cache, got, got_cache = both(model, step, token, pos)
+    assert got.dtype == torch.float32 and got_cache[0][0].dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got, want.float(), rtol=2 * eps, atol=2 * eps)
+    for (k, v), (k2, v2) in zip(want_cache, got_cache):  # one rounding of fp32 values apart at most
+        torch.testing.assert_close(k2, k, rtol=eps, atol=eps), torch.testing.assert_close(v2, v, rtol=eps, atol=eps)
+    wide = model.float()  # the same weights and cache, every activation fp32
+    put(wide, [(k.float(), v.float()) for k, v in before])
+    full = decode_one_token(wide, token, pos)
+    assert (got - full).abs().max() < (want.float() - full).abs().max()
+
+
 @pytest.mark.parametrize("scheme", ["mixed", "int4"])
 @torch.inference_mode()
 def test_a_left_padded_batch_and_per_row_slots_match_the_forward(scheme):
@@ -102,9 +130,9 @@ def test_a_left_padded_batch_and_per_row_slots_match_the_forward(scheme):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_generate_takes_it_and_a_batch_gets_what_each_prompt_gets_alone(scheme, monkeypatch):
-    model = tiny(scheme)
+@pytest.mark.parametrize("scheme,dtype", [("int8", torch.float32), ("int4", torch.float32), (None, torch.bfloat16)])
+def test_generate_takes_it_and_a_batch_gets_what_each_prompt_gets_alone(scheme, dtype, monkeypatch):
+    model = tiny(scheme, dtype)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [3]]
     calls = []
     real = native_step
@@ -129,7 +157,7 @@ def test_models_it_does_not_cover_keep_the_module_path():
         model = tiny("int8", **kw)
         model.setup_cache(1, 16)
         assert native_step(model, 1) is None, kw
-    half = tiny("int8").to(torch.bfloat16)
+    half = tiny("int8").to(torch.bfloat16)  # int8 scales cast to bf16: neither path takes them
     half.setup_cache(1, 16)
     assert native_step(half, 1) is None
     hooked = tiny("int8")
