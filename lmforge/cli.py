@@ -183,6 +183,9 @@ def _rag_parser(sub: Any) -> None:
         q.add_argument("--snap", action="store_true",
                        help="answer with the source sentence the reply draws on, verbatim (extractive; "
                             "`eval`: also scores that, and the best-ranked sentence alone)")
+        q.add_argument("--rerank", action="store_true",
+                       help="with --sentences: rank the sentences with the model's own likelihood of the question "
+                            "too (UPR), not only the embedding model's and the terms'")
         if name == "ask":
             q.add_argument("question", help="the question")
             _sampling_args(q)
@@ -343,18 +346,20 @@ def _rag(a: Any) -> None:
     model, tok = _load(q)
     if a.action == "ask":
         reply = answer(model, tok, index, q.question, k=q.k, mode=q.mode, placement=q.sources_in,
-                       sentences=q.sentences, snap=q.snap, on_piece=lambda piece: print(piece, end="", flush=True),
-                       **_sampling(q))
+                       sentences=q.sentences, snap=q.snap, rerank=q.rerank,
+                       on_piece=lambda piece: print(piece, end="", flush=True), **_sampling(q))
         if q.snap:
             print(f"\nFrom the sources: {reply.text}", end="")
         print("\nSources:\n" + (format_sources(reply.sources) or "(none fits the context)"))
         return
     result = evaluate(model, tok, index, q.data, k=q.k, mode=q.mode, max_new_tokens=q.max_new_tokens,
-                      baseline=not q.no_baseline, placement=q.sources_in, sentences=q.sentences, snap=q.snap)
+                      baseline=not q.no_baseline, placement=q.sources_in, sentences=q.sentences, snap=q.snap,
+                      rerank=q.rerank)
     print(f"retrieval on {result['n']} questions (relevant: {result['gold']}):")
     for mode, m in result["retrieval"].items():
         print(f"  {mode:7}" + "  ".join(f"{key} {v:.3f}" for key, v in m.items()))
-    rag = f"with RAG ({q.mode}, k={q.k}" + (f", {q.sentences} sentences)" if q.sentences > 0 else ")")
+    rag = (f"with RAG ({q.mode}, k={q.k}" + (f", {q.sentences} sentences" if q.sentences > 0 else "")
+           + (", reranked)" if q.rerank else ")"))
     for key, what in (("without_rag", "without RAG"), ("with_rag", rag), ("with_rag_snapped", rag + ", snapped"),
                       ("first_source", "the best-ranked source sentence alone, no model")):
         if key in result:

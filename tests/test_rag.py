@@ -442,6 +442,55 @@ def test_answers_and_evaluation_snapped_to_the_source_sentence(tmp_path, tiny_lo
     assert set(r["with_rag_snapped"]) == {"exact_match", "contains", "n"}
 
 
+def test_the_reranker_scores_the_mean_log_probability_of_the_question_after_each_passage(tmp_path, tiny_long):
+    import numpy as np
+    import torch
+
+    import lmforge
+    from lmforge.rag.index import RRF_K
+    from lmforge.rag.rerank import UPR_PROMPT, question_logprobs
+
+    model, tok = lmforge.load(tiny_long)
+    question = "What does error E4 mean?"
+    passages = ["Errors: Error E4 means limescale build-up.", "App: The pairing code is 7070.",
+                "Care: Descale with citric acid every 4 weeks, more often in hard-water areas."]
+
+    def by_hand(context: list[int], asked: list[int]) -> float:
+        with torch.no_grad():
+            logp = model(torch.tensor([context + asked])).log_softmax(-1)[0]  # (T, vocab), one passage alone
+        return sum(logp[len(context) + i - 1, t].item() for i, t in enumerate(asked)) / len(asked)
+
+    plain = [by_hand(tok.encode(UPR_PROMPT.format(passage=p)), tok.encode(" " + question, add_bos=False))
+             for p in passages]
+    chat = [by_hand(list(tok.apply_chat_template([{"role": "user", "content": UPR_PROMPT.format(passage=p)}],
+                                                 add_generation_prompt=True, tokenize=True)),
+                    tok.encode(question, add_bos=False)) for p in passages]
+    for batch_size in (1, 2, 3):  # alone, a right-padded batch and one of one, all three padded
+        got = question_logprobs(model, tok, question, passages, batch_size=batch_size)
+        assert got == pytest.approx(plain, abs=1e-4)
+    assert question_logprobs(model, tok, question, passages, template=True) == pytest.approx(chat, abs=1e-4)
+    assert len(set(np.round(plain, 4))) == 3, "distinct scores: the ranking below is decided by them"
+
+    docs = {"errors.md": "# Errors\n\nError E4 means limescale build-up.\n",
+            "app.md": "# App\n\nThe pairing code is 7070.\n",
+            "care.md": "# Care\n\nDescale with citric acid every 4 weeks, more often in hard-water areas.\n"}
+    with Index.build(tmp_path / "idx", [write(tmp_path / "docs", docs)], embedder=HashEmbedder()) as idx:
+        hits = idx.search(question, 3, "hybrid")
+        plain_order = evidence(idx, question, hits, 3)
+        reranked = evidence(idx, question, hits, 3, model, tok)
+        # the same sentences, ordered by reciprocal rank fusion of the two usual rankings and the model's
+        lm = dict(zip([p.split(": ", 1)[1] for p in passages], plain))
+        rank = {h.text: r for r, h in enumerate(sorted(reranked, key=lambda h: -lm[h.text]))}
+        for h in reranked:
+            assert h.score == pytest.approx(next(p.score for p in plain_order if p.text == h.text)
+                                            + 1 / (RRF_K + rank[h.text]))
+        assert [h.score for h in reranked] == sorted((h.score for h in reranked), reverse=True)
+        reply = answer(model, tok, idx, question, k=3, max_new_tokens=2, sentences=3, rerank=True)
+        assert [h.text for h in reply.sources] == [h.text for h in reranked]
+        with pytest.raises(ValueError, match="sentences"):
+            answer(model, tok, idx, question, rerank=True)
+
+
 def test_the_rag_table_chooses_on_training_phrasings_never_the_held_out_ones():
     spec = importlib.util.spec_from_file_location("rag_table", ROOT / "examples/product_manual/rag_table.py")
     table = importlib.util.module_from_spec(spec)
@@ -477,7 +526,7 @@ def test_the_command_line_end_to_end(tmp_path, tiny_long, minilm, capsys, monkey
     out = capsys.readouterr().out
     assert "From the sources: " in out and "Sources:" in out.split("From the sources: ")[1]
     main(["rag", "ask", "--index", index, "--model", str(tiny_long), "--max-new-tokens", "3", "--sentences", "2",
-          "--snap", "How do I descale with citric acid?"])
+          "--snap", "--rerank", "How do I descale with citric acid?"])
     out = capsys.readouterr().out
     assert "From the sources: " in out and "Sources:" in out.split("From the sources: ")[1]
     qa = tmp_path / "qa.jsonl"
@@ -491,6 +540,10 @@ def test_the_command_line_end_to_end(tmp_path, tiny_long, minilm, capsys, monkey
           "--no-baseline", "--snap"])
     out = capsys.readouterr().out
     assert "snapped: exact" in out and "the best-ranked source sentence alone, no model: exact" in out
+    main(["rag", "eval", "--index", index, "--model", str(tiny_long), "--data", str(qa), "--max-new-tokens", "2",
+          "--no-baseline", "--sentences", "2", "--rerank", "--snap"])
+    out = capsys.readouterr().out
+    assert "2 sentences, reranked): exact" in out and "2 sentences, reranked), snapped: exact" in out
     lines = iter(["What is the pairing code?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     main(["chat", "--model", str(tiny_long), "--rag", index, "--max-new-tokens", "2"])

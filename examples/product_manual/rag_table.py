@@ -4,6 +4,7 @@ source sentence alone (no model).
 
     python examples/product_manual/rag_table.py --index k7.index --data examples/product_manual/val.jsonl
     python examples/product_manual/rag_table.py --index k7.index --data train   # choose settings on these
+    python examples/product_manual/rag_table.py --index k7.index --sentences 5 --rerank   # the model ranks too
 
 `--data train` writes the 156 unwrapped training phrasings (three per fact, from make_data.py) to a temporary
 file and scores those: settings are chosen on them, and the held-out val.jsonl is run only for the final figures.
@@ -35,6 +36,8 @@ def main() -> None:
     p.add_argument("--data", default=str(HERE / "val.jsonl"), help="JSONL questions, or `train`")
     p.add_argument("--model", default=MODEL)
     p.add_argument("--sentences", default="0,5", help="the evidence windows to run (0: whole chunks)")
+    p.add_argument("--rerank", action="store_true",
+                   help="rank the sentences with the model's likelihood of the question too (UPR; windows > 0 only)")
     p.add_argument("--json", default=None, help="also write the results (replies included) here")
     a = p.parse_args()
 
@@ -51,11 +54,12 @@ def main() -> None:
     results = {}
     with Index.open(a.index) as index:
         for n in (int(x) for x in a.sentences.split(",")):
-            r = evaluate(model, tok, index, data, k=3, baseline=False, modes=(), sentences=n, snap=True)
-            what = f"{n} best sentences" if n else "3 chunks"
+            r = evaluate(model, tok, index, data, k=3, baseline=False, modes=(), sentences=n, snap=True,
+                         rerank=a.rerank and n > 0)
+            what = (f"{n} best sentences" if n else "3 chunks") + (", reranked" if a.rerank and n else "")
             for key, row in (("with_rag", "reply"), ("with_rag_snapped", "reply, snapped"),
                              ("first_source", "best source sentence alone, no model")):
-                print(f"{what:18} {row:38} exact {r[key]['exact_match']:6.1%}  contains {r[key]['contains']:6.1%}"
+                print(f"{what:28} {row:38} exact {r[key]['exact_match']:6.1%}  contains {r[key]['contains']:6.1%}"
                       f"  (n={r['n']})", flush=True)
             results[what] = r
     if a.json:

@@ -4,7 +4,8 @@ The retrieved chunks become numbered sources in the prompt (`rag_messages`: in t
 system message), rendered by the model's own chat template and fitted to its context (`fit_prompt`): the
 oldest conversation turns are dropped first, then the least relevant sources; the question never is. With
 `sentences=N` the sources are the N sentences (or table rows) of the retrieved chunks closest to the question
-(`evidence`) instead of whole chunks: a short evidence window that a small model reads more reliably. With
+(`evidence`) instead of whole chunks: a short evidence window that a small model reads more reliably; with
+`rerank=True` the model that answers ranks them too (`rerank.question_logprobs`, UPR; off by default). With
 `snap=True` the answer is the source sentence the reply draws on, verbatim (`snap_to_source`: extractive
 grounding, off by default).
 """
@@ -118,14 +119,32 @@ def split_sentences(text: str) -> list[str]:
     return out
 
 
-def evidence(index: Index, question: str, hits: Sequence[Hit], n: int = 5) -> list[Hit]:
+def evidence(index: Index, question: str, hits: Sequence[Hit], n: int = 5, model: Any = None,
+             tokenizer: Any = None) -> list[Hit]:
     """The `n` sentences (`split_sentences`) of `hits` closest to `question`, best first, each a Hit of its chunk:
     same file and chunk number, `heading` its section's own title (the last part of the chunk's heading path),
     `text` the sentence, `score` the fused score. Ranked by reciprocal rank fusion of two scores: the cosine
     similarity of the question and "section title: sentence" under the index's embedding model, and the
-    idf-weighted overlap of their BM25 terms (idf among the candidates). A sentence that overlapping chunks
-    of one section repeat counts once, and a piece of a sentence (cut by a chunk's edge) that the
-    neighbouring chunk holds whole is dropped."""
+    idf-weighted overlap of their BM25 terms (idf among the candidates). Given a `model` (and its `tokenizer`),
+    a third: how likely the model finds the question after reading "section title: sentence"
+    (`rerank.question_logprobs`, UPR). A sentence that overlapping chunks of one section repeat counts once,
+    and a piece of a sentence (cut by a chunk's edge) that the neighbouring chunk holds whole is dropped."""
+    units, titles, titled = _candidates(hits)
+    if not units or n < 1:
+        return []
+    import numpy as np
+
+    fused = np.zeros(len(units))
+    for score in _scores(index, question, titled, model, tokenizer):
+        ranks = np.argsort(np.argsort(-score, kind="stable"), kind="stable")  # 0 = best
+        fused += 1.0 / (RRF_K + ranks)
+    best = np.argsort(-fused, kind="stable")[:n]
+    return [Hit(units[i][0].source, units[i][0].location, titles[i], units[i][1], units[i][0].chunk, float(fused[i]),
+                units[i][0].chunk_id) for i in best]
+
+
+def _candidates(hits: Sequence[Hit]) -> tuple[list[tuple[Hit, str]], list[str], list[str]]:
+    """The sentences `evidence` ranks: (chunk, sentence) pairs, each one's section title, and "title: sentence"."""
     units: list[tuple[Hit, str]] = []
     seen: set[tuple[str, str]] = set()
     for h in hits:
@@ -135,12 +154,15 @@ def evidence(index: Index, question: str, hits: Sequence[Hit], n: int = 5) -> li
                 units.append((h, s))
     # a sentence cut by a chunk's edge, whole in the overlapping neighbour: only the whole one
     units = [(h, s) for h, s in units if not any(s in t and s != t for g, t in units if g.heading == h.heading)]
-    if not units or n < 1:
-        return []
+    titles = [h.heading.split(" > ")[-1] for h, _ in units]
+    return units, titles, [f"{t}: {s}" if t else s for t, (_, s) in zip(titles, units)]
+
+
+def _scores(index: Index, question: str, titled: Sequence[str], model: Any = None, tokenizer: Any = None) -> list:
+    """The scores `evidence` fuses, higher is better, each (U,): dense cosine, idf-weighted term overlap, and
+    with a `model` its mean log-probability of the question given each sentence."""
     import numpy as np
 
-    titles = [h.heading.split(" > ")[-1] for h, _ in units]
-    titled = [f"{t}: {s}" if t else s for t, (_, s) in zip(titles, units)]
     vectors = index.embedder.encode([question, *titled])  # (1 + U, dim) unit rows
     dense = vectors[1:] @ vectors[0]  # (U,) cosine similarities
     words = [set(terms(t)) for t in titled]
@@ -149,14 +171,12 @@ def evidence(index: Index, question: str, hits: Sequence[Hit], n: int = 5) -> li
         for t in w:
             df[t] = df.get(t, 0) + 1
     asked = set(terms(question))
-    lexical = np.array([sum(math.log(1 + len(units) / df[t]) for t in asked & w) for w in words])
-    fused = np.zeros(len(units))
-    for score in (dense, lexical):
-        ranks = np.argsort(np.argsort(-score, kind="stable"), kind="stable")  # 0 = best
-        fused += 1.0 / (RRF_K + ranks)
-    best = np.argsort(-fused, kind="stable")[:n]
-    return [Hit(units[i][0].source, units[i][0].location, titles[i], units[i][1], units[i][0].chunk, float(fused[i]),
-                units[i][0].chunk_id) for i in best]
+    lexical = np.array([sum(math.log(1 + len(titled) / df[t]) for t in asked & w) for w in words])
+    if model is None:
+        return [dense, lexical]
+    from lmforge.rag.rerank import question_logprobs
+
+    return [dense, lexical, np.array(question_logprobs(model, tokenizer, question, titled))]
 
 
 def _stem(term: str) -> str:
@@ -199,17 +219,19 @@ class Answer:
 def answer(model: Any, tokenizer: Any, index: Index, question: str, k: int = 3, mode: str = "hybrid",
            max_new_tokens: int = 256, on_piece: Callable[[str], Any] | None = None,
            history: Sequence[dict[str, str]] = (), placement: str = "user", sentences: int = 0,
-           snap: bool = False, **options: Any) -> Answer:
+           snap: bool = False, rerank: bool = False, **options: Any) -> Answer:
     """Retrieves `k` chunks for `question`, answers it from them (streamed to `on_piece` as generated), and
     returns the answer with its sources. `sentences` > 0: the sources are the chunks' `sentences` sentences
-    closest to the question (`evidence`), not the whole chunks. `snap`: the answer is the source sentence the
-    reply draws on (`snap_to_source`; the reply, still streamed, is kept as `generated`). `history`: earlier
-    turns of a conversation; `options`: GenerationConfig fields."""
+    closest to the question (`evidence`), not the whole chunks; `rerank`: ranked with the model's own
+    likelihood of the question too (`evidence(..., model=)`, UPR; needs `sentences`). `snap`: the answer is the
+    source sentence the reply draws on (`snap_to_source`; the reply, still streamed, is kept as `generated`).
+    `history`: earlier turns of a conversation; `options`: GenerationConfig fields."""
     from lmforge.generate import stream
 
+    _check_rerank(rerank, sentences)
     hits = index.search(question, k, mode)
     if sentences > 0:
-        hits = evidence(index, question, hits, sentences)
+        hits = evidence(index, question, hits, sentences, model if rerank else None, tokenizer)
     context = model.config.max_seq_len
     ids, kept, _ = fit_prompt(tokenizer, [*history, {"role": "user", "content": question}], hits, context,
                               reserve=min(max_new_tokens, context // 2), placement=placement)
@@ -221,6 +243,11 @@ def answer(model: Any, tokenizer: Any, index: Index, question: str, k: int = 3, 
     if snap:
         return Answer(snap_to_source(text, question, kept), kept, len(ids), generated=text)
     return Answer(text, kept, len(ids))
+
+
+def _check_rerank(rerank: bool, sentences: int) -> None:
+    if rerank and sentences < 1:
+        raise ValueError("rerank ranks the sentences of the retrieved chunks: give sentences=N (--sentences N) too")
 
 
 def format_sources(hits: Sequence[Hit]) -> str:
@@ -287,17 +314,20 @@ def retrieval_metrics(index: Index, questions: Sequence[tuple[list[dict[str, str
 
 def evaluate(model: Any, tokenizer: Any, index: Index, path: str | os.PathLike, k: int = 3, mode: str = "hybrid",
              max_new_tokens: int = 32, baseline: bool = True, modes: Sequence[str] = MODES, recall_at: int = 5,
-             batch_size: int = 8, placement: str = "user", sentences: int = 0, snap: bool = False) -> dict[str, Any]:
+             batch_size: int = 8, placement: str = "user", sentences: int = 0, snap: bool = False,
+             rerank: bool = False) -> dict[str, Any]:
     """Retrieval metrics of every mode (recall@1, recall@`recall_at`, MRR), and greedy answer accuracy (exact /
     contains, as the SFT recipe scores it) without retrieval (`baseline`) and with `k` chunks of `mode` in the
-    prompt (or, `sentences` > 0, their `sentences` best sentences: `evidence`), on the questions in `path`.
+    prompt (or, `sentences` > 0, their `sentences` best sentences: `evidence`, ranked with the model too when
+    `rerank`), on the questions in `path`.
     `snap`: also the accuracy of the same replies snapped to the source sentence they draw on
     (`snap_to_source`, as `with_rag_snapped`), and of the best-ranked source sentence alone, no model
     (`first_source`: what retrieval gives by itself)."""
     from lmforge.recipes.common import answer_accuracy, greedy_replies, score_answers
 
+    _check_rerank(rerank, sentences)
     questions = read_questions(path)
-    result: dict[str, Any] = {"n": len(questions), "k": k, "mode": mode, "sentences": sentences,
+    result: dict[str, Any] = {"n": len(questions), "k": k, "mode": mode, "sentences": sentences, "rerank": rerank,
                               "gold": "source" if all(s for *_, s in questions) else "answer in chunk",
                               "retrieval": retrieval_metrics(index, questions, recall_at, modes)}
     if baseline:
@@ -309,7 +339,7 @@ def evaluate(model: Any, tokenizer: Any, index: Index, path: str | os.PathLike, 
     for msgs, *_ in questions:
         hits = index.search(msgs[-1]["content"], k, mode)
         if sentences > 0:
-            hits = evidence(index, msgs[-1]["content"], hits, sentences)
+            hits = evidence(index, msgs[-1]["content"], hits, sentences, model if rerank else None, tokenizer)
         ids, kept, _ = fit_prompt(tokenizer, msgs, hits, context, min(max_new_tokens, context // 2), placement)
         prompts.append(ids)
         given.append(kept)
