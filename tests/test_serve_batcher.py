@@ -12,6 +12,7 @@ import torch
 
 import lmforge
 from lmforge.generate import GenerationConfig, decode_one_token, generate, prefill, stream
+from lmforge.kernels import build
 from lmforge.serve.batcher import Batcher, Event, QueueFull, Request
 from lmforge.tokenizer import train_tokenizer
 from tests.fixtures.hf_models import FAMILIES, VOCAB, hf_model
@@ -264,15 +265,21 @@ def test_a_failing_prefill_or_step_ends_those_requests_with_an_error_and_the_loo
         model.clear_cache()
 
 
-def test_a_quantized_model_batches_as_it_generates_alone(tiny):
-    """`serve --quantize int8` swaps the linears (lmforge.quantize); rows decoded together still get the
-    tokens the quantized model gives each prompt alone."""
+@pytest.mark.parametrize("weights", ["int8", "bfloat16"])
+def test_a_quantized_or_bf16_model_batches_as_it_generates_alone(tiny, weights):
+    """`serve --quantize int8` swaps the linears (lmforge.quantize), `--dtype bfloat16` halves the weights (both
+    decoded by the C++ step where it covers the model); rows decoded together still get the tokens the model
+    gives each prompt alone."""
     from lmforge.quantize import quantize
 
     model, tok = copy.deepcopy(tiny[0]), tiny[1]
     model.clear_cache()
-    quantize(model, "int8")
+    if weights == "int8":
+        quantize(model, "int8")
+    else:
+        model.to(torch.bfloat16)
     batcher = Batcher(model, tok, slots=3, context=64)
+    assert batcher.native is not None or not build.kernels_allowed()  # the C++ step decodes
     prompts = [tok.encode(t) for t in ("The cat", "A dog ran in", "Numbers: 1", "park.")]
     batcher.start()
     try:
