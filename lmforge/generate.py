@@ -304,6 +304,7 @@ def _run(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationCo
         model.setup_cache(B, L)
     key_valid = torch.arange(L, device=device) >= offsets  # (B, L): False at pad slots
     native = native_step(model, B) if device.type == "cpu" else None
+    native = native if native is not None and native.takes_rows(B) else None
     step = make_step(model, cfg.compile, key_valid, offsets if padded else None, P, native)
     generator = None if cfg.seed is None else torch.Generator(device=device).manual_seed(cfg.seed)
     seen = None

@@ -276,7 +276,7 @@ class Batcher:
         device = self.model.device
         token = torch.tensor([[s.token if s else self.pad] for s in rows], device=device)  # (n, 1)
         pos = torch.tensor([[s.pos if s else 0] for s in rows], device=device)  # (n, 1) each row's own slot
-        if self.native is not None:
+        if self.native is not None and self.native.takes_rows(n):
             logits = self.native(token, pos)  # (n, vocab)
         else:
             logits = decode_one_token(self.model, token, pos)  # (n, vocab)

@@ -96,6 +96,7 @@ def test_a_half_model_steps_as_its_forward_to_half_precision(arch, dtype, scheme
     prefill(model, torch.randint(0, VOCAB, (3, 5)))
     step = native_step(model, 3)
     assert step is not None and not step.takes_prompt(5)  # prompts: torch's products of many rows
+    assert step.takes_rows(8) and not step.takes_rows(9)  # and so are steps of more than 8 rows
     token, pos = torch.randint(0, VOCAB, (3, 1)), torch.tensor([5])
     before = caches(model)
     want, want_cache, got, got_cache = both(model, step, token, pos)
@@ -151,7 +152,7 @@ def test_models_it_does_not_cover_keep_the_module_path():
     assert native_step(float_model, 1) is None  # torch's fp32 products are faster there
     covered = tiny("int4")
     covered.setup_cache(2, 16)
-    assert native_step(covered, 2) is not None
+    assert native_step(covered, 2) is not None and native_step(covered, 2).takes_rows(64)
     assert native_step(covered, 3) is None  # more rows than the cache holds
     for kw in ({"norm": "layernorm"}, {"mlp": "gelu"}, {"position": "alibi"}, {"sliding_window": 4}):
         model = tiny("int8", **kw)
