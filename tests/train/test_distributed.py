@@ -22,7 +22,7 @@ from lmforge.checkpoint.run import checkpoints
 from lmforge.config import ModelConfig
 from lmforge.data.labels import IGNORE
 from lmforge.model import Transformer
-from lmforge.train.distributed import DistributedError, init_distributed
+from lmforge.train.distributed import DistributedError, init_distributed, shutdown
 from lmforge.train.loop import TrainConfig, fit
 from lmforge.train.losses import next_token_loss
 
@@ -80,6 +80,7 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     fn(rank, *args)
+    shutdown()  # as the CLI ends: a process that exits with its group up may abort at exit (SIGABRT)
 
 
 def spawn(fn, world: int, *args, join: bool = True):
