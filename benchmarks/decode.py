@@ -7,6 +7,8 @@ The bandwidth limit is copy bandwidth / weight bytes read per token (every weigh
 embedding once as the LM head); "% of limit" is how close a run gets to it. The copy bandwidth is measured again
 before each lmforge round (a shared host's bandwidth moves by 2x within minutes): the "% of limit" columns are
 the median of each round's tokens/s over the limit measured with it, and "copy GB/s" the median measurement.
+With --gguf-types, "read GB/s" is a second reference, measured the same way: how fast torch's own reduction reads
+the model's weight tensors one after another, and "% of read" the share of that a run gets.
 
     python benchmarks/decode.py --threads 1             # CPU, fp32 and bf16 (1 thread: steady on a shared box)
     python benchmarks/decode.py --device cuda --dtype bf16  # + torch.compile'd decode (CUDA graphs)
@@ -74,22 +76,44 @@ def copy_bandwidth(device: torch.device, nbytes: int = 512 << 20) -> float:
     return 2 * nbytes / best
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights read per decoded token: every parameter once, except the embedding table (one row)
-    unless it is tied to the LM head (then read in full there); a quantized layer's packed weights and scales."""
+def weight_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The weights a decoded token reads: every parameter once, except the embedding table (one row) unless it
+    is tied to the LM head (then read in full there); a quantized layer's packed weights and scales."""
     from lmforge.quantize import Int4Linear, Int8Linear
 
-    seen, total = set(), 0
+    seen, out = set(), []
     head = getattr(model.lm_head, "weight", None)
     for name, p in model.named_parameters(remove_duplicate=False):
         if id(p) in seen or name == "tok_emb.weight" and p is not head:
             continue
         seen.add(id(p))
-        total += p.numel() * p.element_size()
+        out.append(p.detach())
     for m in model.modules():
         if isinstance(m, (Int8Linear, Int4Linear)):
-            total += sum(b.numel() * b.element_size() for b in m.buffers())
-    return total
+            out += list(m.buffers())
+    return out
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights read per decoded token (`weight_tensors`)."""
+    return sum(t.numel() * t.element_size() for t in weight_tensors(model))
+
+
+def read_bandwidth(model: torch.nn.Module) -> float:
+    """Bytes per second that torch's own reduction (`amax` over each tensor's bytes as int32) reads from the
+    model's weights, one tensor after another as a token reads them; best of 5. A second reference beside the
+    copy bandwidth: what streaming these tensors gets here (a layer's 1-3.5 MB matrices read slower than one
+    512 MB buffer: SmolLM2 bf16 on C, 27-32 GB/s against 49-50)."""
+    views = [t.reshape(-1).view(torch.int32) if t.is_contiguous() and t.numel() * t.element_size() % 4 == 0
+             else t.reshape(-1).view(torch.uint8) for t in weight_tensors(model)]
+    nbytes = sum(v.numel() * v.element_size() for v in views)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for v in views:
+            v.amax()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
 
 
 def timed(fn, device: torch.device) -> tuple[float, list[int]]:
@@ -195,9 +219,10 @@ def bench_file(kind: str, file: Path, tool: Path | None, threads: int, prompt_le
     if compile:
         model.setup_cache(1, prompt_len + new + 1)
     ours(new + 1)  # warm up (and compile)
-    t_ours, t_first, t_theirs, bws = [], [], [], []
+    t_ours, t_first, t_theirs, bws, reads = [], [], [], [], []
     for _ in range(rounds):
         bws.append(copy_bandwidth(torch.device("cpu")))
+        reads.append(read_bandwidth(model))
         # decoding alone, as llama-bench's -n: `new` tokens after the first (the prompt's prefill and the first
         # token timed apart and subtracted)
         t_first.append(timed(lambda: ours(1), torch.device("cpu"))[0])
@@ -210,7 +235,8 @@ def bench_file(kind: str, file: Path, tool: Path | None, threads: int, prompt_le
              file=file.stat().st_size, theirs=new / statistics.median(t_theirs) if t_theirs else None,
              bw=statistics.median(bws), of_limit=of_limit(new, t_ours, bws, nbytes),
              theirs_of_limit=of_limit(new, t_theirs, bws, nbytes) if t_theirs else float("nan"),
-             rounds=[(new / t, bw / 1e9) for t, bw in zip(t_ours, bws)])
+             read=statistics.median(reads), of_read=of_limit(new, t_ours, reads, nbytes),
+             rounds=[(new / t, bw / 1e9, rd / 1e9) for t, bw, rd in zip(t_ours, bws, reads)])
     if text is not None:
         r["ppl"] = perplexity(model, tok, [text.read_text()], seq_len=ctx, score_from=ctx // 2, progress=False)["ppl"]
         r["ppl_theirs"] = llama_perplexity(tool, file, text, threads, ctx) if tool is not None else None
@@ -231,22 +257,24 @@ def main_gguf(args: argparse.Namespace) -> None:
         rows = {t: bench_file(t, files[t], tool, threads, args.prompt_tokens, args.new_tokens, args.rounds,
                               args.compile, text, args.ctx) for t in args.gguf_types}
     print(f"{'GGUF':6} {'file MB':>8} {'prefill ms':>10} {'lmforge tok/s':>14} {'llama.cpp':>10} {'ratio':>6} "
-          f"{'copy GB/s':>9} {'limit tok/s':>12} {'lmforge %':>10} {'llama %':>8}" + (f" {'ppl lmforge (d f32)':>20} {'ppl llama.cpp (d f32)':>22}"
+          f"{'copy GB/s':>9} {'limit tok/s':>12} {'lmforge %':>10} {'llama %':>8} {'read GB/s':>9} {'% of read':>9}"
+          + (f" {'ppl lmforge (d f32)':>20} {'ppl llama.cpp (d f32)':>22}"
                                                    if text else ""))
     base = rows.get("f32")
     for t, r in rows.items():
         theirs = r["theirs"]
         line = (f"{t:6} {r['file'] / 1e6:8.1f} {1e3 * r['first']:10.1f} {r['ours']:14.1f} {theirs or float('nan'):10.1f} "
                 f"{r['ours'] / theirs if theirs else float('nan'):5.2f}x {r['bw'] / 1e9:9.1f} {r['bw'] / r['bytes']:12.1f} "
-                f"{100 * r['of_limit']:9.0f}% {100 * r['theirs_of_limit']:7.0f}%")
+                f"{100 * r['of_limit']:9.0f}% {100 * r['theirs_of_limit']:7.0f}% {r['read'] / 1e9:9.1f} "
+                f"{100 * r['of_read']:8.0f}%")
         if text:
             d_ours = f"({r['ppl'] - base['ppl']:+.3f})" if base else ""
             d_theirs = f"({r['ppl_theirs'] - base['ppl_theirs']:+.3f})" if base and r["ppl_theirs"] else ""
             line += f" {r['ppl']:11.3f} {d_ours:>8} {r['ppl_theirs'] or float('nan'):13.3f} {d_theirs:>8}"
         print(line)
     for t, r in rows.items():
-        print(f"{t}: lmforge tok/s at the copy GB/s measured before it, per round: "
-              + ", ".join(f"{v:.1f} at {bw:.1f}" for v, bw in r["rounds"]))
+        print(f"{t}: lmforge tok/s at the copy / read GB/s measured before it, per round: "
+              + ", ".join(f"{v:.1f} at {bw:.1f} / {rd:.1f}" for v, bw, rd in r["rounds"]))
 
 
 def main() -> None:
