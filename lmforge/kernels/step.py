@@ -1,8 +1,9 @@
 """A whole decode step in one C++ call (`decode_step.cpp`), for the models it covers: LLaMA-family blocks
 (RMSNorm, RoPE, SwiGLU, MHA / GQA / MQA, biases or not, tied or not) on CPU, fp32 with `lmforge.quantize`'s
 int8 / int4 linears (a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks; any float ones among them too), or bf16 / fp16
-(float or quantized linears). `generate` and the server take it for every decode step of such a model and for
-prompts of up to PREFILL_ROWS tokens; any other model, module (LoRA's wrappers, another attention, hooks) or
+(float or quantized linears). `generate` and the server take it for every decode step of such a model (of a
+bf16 / fp16 one: steps of up to KERNEL_ROWS rows, `takes_rows`) and, for the fp32 ones, for prompts of up to
+PREFILL_ROWS tokens (`takes_prompt`); any other model, module (LoRA's wrappers, another attention, hooks) or
 device keeps the module path, eager or compiled. fp32 models without a quantized linear keep the module path
 too: there torch's products (the compiled graph's fp32 reduction for one row, MKL / OpenBLAS for prompts) were
 faster than the C++ step's (SmolLM2 f32, 1 thread: 40.2 against 31.7 tok/s). A bf16 / fp16 model's step keeps
@@ -11,7 +12,7 @@ llama.cpp does; its module path rounds every activation to bf16, so the two agre
 
 Why a native step: with 4-bit weights the products of a SmolLM2-135M token take ~3.7 ms on 2 cores, and a
 compiled torch graph adds ~2.5 ms of serial work around them (README: figures). It computes what the modules
-compute, with the same kernels (the same integer block sums), in fp32 throughout; the element-wise work differs
+compute, with the same kernels (the same integer block sums), its activations in fp32; the element-wise work differs
 from torch's only in rounding (tests: logits against the model's forward, greedy tokens, the Paris answer)."""
 
 from __future__ import annotations
