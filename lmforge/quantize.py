@@ -15,14 +15,12 @@ quantized size."""
 
 from __future__ import annotations
 
-import ctypes
-import mmap
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lmforge.kernels import build
+from lmforge.kernels.cpu import on_huge_pages
 
 SCHEMES = ("int8", "int4")
 INT4_GROUPS = (32, 64, 128, 256)
@@ -184,38 +182,12 @@ def _share_tied_table(model: nn.Module) -> None:
         model.tok_emb = QuantEmbedding(head, model.tok_emb.weight.dtype)
 
 
-HUGE_PAGE = 2 << 20
-
-
 def _on_huge_pages(model: nn.Module) -> None:
-    """Moves the quantized modules' tensors (CPU) into one buffer backed by 2 MiB pages, where Linux gives them
-    (transparent huge pages; in their default "madvise" mode only memory that asks for them gets them). A decode
-    step streams every weight once: with 4 KiB pages the TLB misses every 4 KiB of it; measured on a 2-core EPYC
-    (C), int8 products of SmolLM2's 30 layers and head: 4.5-5.4 ms a token on huge pages against 5.8-6.0 ms. The
-    modules keep their Parameter objects (their .data moves); nothing changes where huge pages are not offered."""
+    """The quantized modules' CPU tensors onto 2 MiB pages (`kernels.cpu.on_huge_pages`): int8 products of
+    SmolLM2's 30 layers and head on a 2-core EPYC (C), 4.5-5.4 ms a token on huge pages against 5.8-6.0 ms."""
     mods = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
-    params = [p for m in mods for p in ([m.q, m.scale] if isinstance(m, Int8Linear) else [m.packed, m.scale, m.minimum])
-              if p.device.type == "cpu"]
-    offsets, total = [], 0
-    for p in params:
-        total = -(-total // 64) * 64  # each tensor 64-byte aligned
-        offsets.append(total)
-        total += p.nbytes
-    if total < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return
-    buf = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    try:
-        buf.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # a kernel without transparent huge pages
-        return
-    view = ctypes.c_char.from_buffer(buf)
-    start = -ctypes.addressof(view) % HUGE_PAGE  # the first 2 MiB boundary in it
-    del view
-    arena = torch.frombuffer(buf, dtype=torch.uint8)  # holds `buf` (unmapped when the last tensor goes)
-    for p, at in zip(params, offsets):
-        moved = arena[start + at:start + at + p.nbytes].view(p.dtype).view(p.shape)
-        moved.copy_(p.data)
-        p.data = moved
+    on_huge_pages([p for m in mods for p in ([m.q, m.scale] if isinstance(m, Int8Linear) else
+                                             [m.packed, m.scale, m.minimum]) if p.device.type == "cpu"])
 
 
 def _prebuild_step() -> None:

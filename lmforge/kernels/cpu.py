@@ -3,7 +3,9 @@ through OpenBLAS, and the `Plan` that the swapped-in modules read (so a forward 
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import mmap
 import os
 import sys
 from dataclasses import dataclass
@@ -137,3 +139,40 @@ def make_plan(device: torch.device, dtype: torch.dtype, training: bool, cpu_kern
                 upcast=frozenset(dt for dt in HALF if emulated[dt]),
                 decode_attention=allowed and build.loaded("decode_attention"))
     return _PLANS.setdefault(plan, plan)
+
+
+HUGE_PAGE = 2 << 20
+
+
+def on_huge_pages(tensors: list[torch.Tensor]) -> bool:
+    """Moves `tensors` (CPU Parameters or buffers; their `.data`, so modules keep the same objects) into one
+    buffer backed by 2 MiB pages, where Linux gives them (transparent huge pages; in their default "madvise"
+    mode only memory that asks for them gets them). A decode step streams every weight once: with 4 KiB pages
+    the TLB misses every 4 KiB of it (measured: quantize._on_huge_pages; SmolLM2 bf16 through the C++ step on a
+    2-core EPYC (C), 2 threads, 3 alternating runs of 6-8 rounds: 93.5 / 111.0 / 113.6 tok/s against 91.9 /
+    104.7 / 106.5). Nothing moves where huge pages are not offered, where the tensors are under 2 MiB in all,
+    or where they already share one buffer (a second call). Returns whether they moved."""
+    tensors = [t for t in tensors if t.device.type == "cpu" and t.numel()]
+    if len({t.untyped_storage().data_ptr() for t in tensors}) <= 1:
+        return False
+    offsets, total = [], 0
+    for t in tensors:
+        total = -(-total // 64) * 64  # each tensor 64-byte aligned
+        offsets.append(total)
+        total += t.nbytes
+    if total < HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    buf = mmap.mmap(-1, total + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # a kernel without transparent huge pages
+        return False
+    view = ctypes.c_char.from_buffer(buf)
+    start = -ctypes.addressof(view) % HUGE_PAGE  # the first 2 MiB boundary in it
+    del view
+    arena = torch.frombuffer(buf, dtype=torch.uint8)  # holds `buf` (unmapped when the last tensor goes)
+    for t, at in zip(tensors, offsets):
+        moved = arena[start + at:start + at + t.nbytes].view(t.dtype).view(t.shape)
+        moved.copy_(t.data)
+        t.data = moved
+    return True

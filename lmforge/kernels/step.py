@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lmforge.kernels import build
-from lmforge.kernels.cpu import gemv_dtypes
+from lmforge.kernels.cpu import gemv_dtypes, on_huge_pages
 from lmforge.kernels.modules import (
     KERNEL_ROWS,
     BlasAttention,
@@ -127,12 +127,50 @@ def _hooked(model: nn.Module) -> bool:
             or any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()))
 
 
+def _tensors(model: Transformer) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]] | None:
+    """The tensors the C++ step takes from `model`, in its order, and each linear's (head first, then the
+    layers'); None where a module is of a type or dtype it does not take."""
+    from lmforge.quantize import QuantEmbedding
+
+    emb = model.tok_emb
+    if type(emb) is QuantEmbedding and emb.table is model.lm_head:
+        table = torch.empty(0)
+    elif type(emb) is nn.Embedding and _cpu_float(emb.weight):
+        table = emb.weight.detach().contiguous()
+    else:
+        return None
+    head = _linear(model.lm_head)
+    if head is None:
+        return None
+    if not _cpu_float(model.rope_cos, model.rope_sin):
+        return None
+    slots = model.layers[0].attn.cache.k.shape[2]  # positions never pass the cache's length
+    tensors = [table, _f32(model.rope_cos[:slots]), _f32(model.rope_sin[:slots]), _f32(model.norm.weight), *head]
+    linears = [head]
+    for b in model.layers:
+        a, mlp = b.attn, b.mlp
+        if (type(b) is not Block or type(a) is not Attention or type(a.attend) not in _ATTENDS
+                or type(a.rope) not in _ROPES or type(mlp) not in _MLPS):
+            return None
+        layer = [_linear(m) for m in (a.qkv, a.out, mlp.gate_up, mlp.down)]
+        if any(t is None for t in layer):
+            return None
+        linears += layer
+        tensors += [_f32(b.attn_norm.weight), _f32(b.mlp_norm.weight), *(t for lin in layer for t in lin),
+                    a.cache.k, a.cache.v]
+    return tensors, linears
+
+
+def _float_weights(model: Transformer) -> list[nn.Parameter]:
+    """The float (not quantized) linears' weights a decode step reads in full: the LM head's and the layers'."""
+    mods = [model.lm_head] + [m for b in model.layers for m in (b.attn.qkv, b.attn.out, b.mlp.gate_up, b.mlp.down)]
+    return [m.weight for m in mods if type(m) in (nn.Linear, CpuLinear)]
+
+
 def native_step(model: nn.Module, batch: int) -> NativeStep | None:
     """The C++ decode step for `model` (its KV cache set up for at least `batch` rows), or None where it does not
     apply: kernels off (LMFORGE_CPU_KERNELS=0) or not buildable, not a CPU model, an architecture or module
     it does not cover, or forward hooks that expect the modules to run. It runs no autograd: for inference (generate runs under inference_mode)."""
-    from lmforge.quantize import QuantEmbedding
-
     if not isinstance(model, Transformer) or not build.kernels_allowed() or _hooked(model):
         return None
     c = model.config
@@ -146,37 +184,17 @@ def native_step(model: nn.Module, batch: int) -> NativeStep | None:
     norms = [model.norm] + [n for b in model.layers for n in (b.attn_norm, b.mlp_norm)]
     if any(type(n) not in _NORMS or n.eps != c.norm_eps or not _cpu_float(n.weight) for n in norms):
         return None
-    emb = model.tok_emb
-    if type(emb) is QuantEmbedding and emb.table is model.lm_head:
-        table = torch.empty(0)
-    elif type(emb) is nn.Embedding and _cpu_float(emb.weight):
-        table = emb.weight.detach().contiguous()
-    else:
+    found = _tensors(model)
+    if found is None:
         return None
-    head = _linear(model.lm_head)
-    if head is None:
-        return None
-    if not _cpu_float(model.rope_cos, model.rope_sin):
-        return None
-    slots = caches[0].k.shape[2]  # positions never pass the cache's length
-    tensors = [table, _f32(model.rope_cos[:slots]), _f32(model.rope_sin[:slots]), _f32(model.norm.weight), *head]
-    layer_linears: list[list[torch.Tensor]] = []
-    for b in model.layers:
-        a, mlp = b.attn, b.mlp
-        if (type(b) is not Block or type(a) is not Attention or type(a.attend) not in _ATTENDS
-                or type(a.rope) not in _ROPES or type(mlp) not in _MLPS):
-            return None
-        linears = [_linear(m) for m in (a.qkv, a.out, mlp.gate_up, mlp.down)]
-        if any(t is None for t in linears):
-            return None
-        layer_linears += linears
-        tensors += [_f32(b.attn_norm.weight), _f32(b.mlp_norm.weight), *(t for lin in linears for t in lin),
-                    a.cache.k, a.cache.v]
-    if model.dtype == torch.float32 and all(lin[1].numel() == 0 for lin in [head] + layer_linears):
+    tensors, linears = found
+    if model.dtype == torch.float32 and all(lin[1].numel() == 0 for lin in linears):
         return None  # no quantized linear: fp32 models keep the module path (the module's docstring)
     if model.dtype != torch.float32 and model.dtype not in gemv_dtypes():
         return None  # a CPU with AMX: its half products stay oneDNN's (kernels.cpu.gemv_dtypes)
     if not build.load("decode_step"):
         return None
+    if model.dtype != torch.float32 and on_huge_pages(_float_weights(model)):  # once (kernels.cpu.on_huge_pages)
+        tensors = _tensors(model)[0]  # the moved weights
     ints = [c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.rope_dim, int(c.rope_interleaved), c.n_layers]
     return NativeStep(torch.classes.lmforge.DecodeStep(tensors, ints, float(c.norm_eps)), model.dtype != torch.float32)

@@ -10,7 +10,8 @@ from torch import nn
 from lmforge.config import ModelConfig
 from lmforge.generate import decode_one_token, generate, prefill
 from lmforge.kernels import accelerate, build
-from lmforge.kernels.step import native_step
+from lmforge.kernels.cpu import on_huge_pages
+from lmforge.kernels.step import _float_weights, native_step
 from lmforge.model import Transformer
 from lmforge.quantize import quantize
 
@@ -143,6 +144,25 @@ def test_generate_takes_it_and_a_batch_gets_what_each_prompt_gets_alone(scheme, 
     assert calls and together == alone
     monkeypatch.setattr("lmforge.generate.native_step", lambda *a: None)  # the modules' path
     assert generate(model, prompts, 10) == together
+
+
+def test_a_half_models_weights_move_onto_huge_pages_once_keeping_values_and_tokens(monkeypatch):
+    model = tiny(dtype=torch.bfloat16, vocab_size=2048, dim=256, ffn_dim=768)  # ~4 MB of linear weights
+    params = dict(model.named_parameters())
+    values = {n: p.detach().clone() for n, p in params.items()}
+    real = native_step
+    monkeypatch.setattr("lmforge.generate.native_step", lambda *a: None)  # the modules' path, nothing moved
+    want = generate(model, [[5, 6, 7], [9, 10]], 10)
+    monkeypatch.setattr("lmforge.generate.native_step", real)
+    assert generate(model, [[5, 6, 7], [9, 10]], 10) == want
+    weights = _float_weights(model)
+    if len({w.untyped_storage().data_ptr() for w in weights}) != 1:
+        pytest.skip("this kernel offers no transparent huge pages (madvise)")
+    assert len(weights) == 1 + 4 * len(model.layers)
+    assert all(p is params[n] for n, p in model.named_parameters())  # the same Parameter objects, data moved
+    assert all(torch.equal(p, values[n]) for n, p in params.items())
+    assert not on_huge_pages(weights)  # already there: a second step moves nothing
+    assert generate(model, [[5, 6, 7], [9, 10]], 10) == want
 
 
 def test_models_it_does_not_cover_keep_the_module_path():
