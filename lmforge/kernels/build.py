@@ -26,6 +26,8 @@ _VEC_AVX2 = ("-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2")
 _EXTRA_CFLAGS = {"fused": _VEC_AVX2, "blas_mm": _VEC_AVX2, "decode_attention": _VEC_AVX2, "decode_step": _VEC_AVX2}
 # the quantized GEMVs' integer dot products: AVX512-VNNI's multiply-and-add where the CPU has it (qx.h), else AVX2's
 _VNNI = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni")
+# bf16 weights' products: AVX512-BF16's dot product where the CPU has it (half_gemv.h), else AVX2's
+_BF16 = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
 
 
 @functools.cache
@@ -44,9 +46,11 @@ def cpu_flags() -> frozenset[str]:
 
 
 def _extra_cflags(name: str) -> tuple[str, ...]:
-    if name in ("int8_gemv", "int4_gemv", "decode_step") and {"avx512_vnni", "avx512vl", "avx512bw"} <= cpu_flags():
-        return _VNNI + _EXTRA_CFLAGS.get(name, ())
-    return _EXTRA_CFLAGS.get(name, ())
+    flags = cpu_flags()
+    extra = _VNNI if name in ("int8_gemv", "int4_gemv", "decode_step") and {"avx512_vnni", "avx512vl", "avx512bw"} <= flags else ()
+    if name in ("half_gemv", "decode_step") and {"avx512_bf16", "avx512vl", "avx512bw"} <= flags:
+        extra += tuple(f for f in _BF16 if f not in extra)
+    return extra + _EXTRA_CFLAGS.get(name, ())
 
 
 def _not_cuda_home_notice(record: logging.LogRecord) -> bool:

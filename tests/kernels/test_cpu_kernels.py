@@ -638,6 +638,17 @@ def test_the_quantized_gemvs_use_vnni_only_where_the_cpu_has_it(monkeypatch):
     assert "-mavx512vnni" not in build._extra_cflags("fused")
 
 
+def test_bf16_products_use_avx512_bf16_only_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"avx2", "avx512bw", "avx512vl", "avx512_vnni"}))
+    assert "-mavx512bf16" not in build._extra_cflags("half_gemv") + build._extra_cflags("decode_step")
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset({"avx2", "avx512bw", "avx512vl", "avx512_bf16",
+                                                               "avx512_vnni"}))
+    step = build._extra_cflags("decode_step")
+    assert "-mavx512bf16" in build._extra_cflags("half_gemv") and "-mavx512bf16" in step
+    assert "-mavx512vnni" in step and len(step) == len(set(step))  # both sets, each flag once
+    assert "-mavx512bf16" not in build._extra_cflags("int8_gemv")
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_quantized_linears_take_up_to_64_rows_through_the_kernel_8_at_a_time(int8_built, int4_built, scheme,
                                                                              monkeypatch):
