@@ -1,4 +1,4 @@
-// y = x W^T for one to eight bf16/fp16 rows x (decoding) on an AVX2 CPU without native bf16/fp16 math.
+// y = x W^T for one to eight bf16/fp16 rows x (decoding) on an AVX2 CPU (bf16 with AVX512-BF16: gemm_rows_dp).
 //
 // Why: oneDNN's and ATen's kernels for this shape convert and multiply at ~5-6 GB/s of weights per core
 // (compute-bound), far below what the cores can read. Here each weight row is streamed once: 16 bytes of
