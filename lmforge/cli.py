@@ -181,8 +181,9 @@ def _rag_parser(sub: Any) -> None:
                        help="give the model the N sentences of the chunks closest to the question, not whole "
                             "chunks (small models read a short evidence window better; 0: whole chunks)")
         q.add_argument("--snap", action="store_true",
-                       help="answer with the source sentence the reply draws on, verbatim (extractive; "
-                            "`eval`: also scores that, and the best-ranked sentence alone)")
+                       help="answer with the source sentence the reply draws on, verbatim, or the best-ranked "
+                            "one where it draws on none (extractive; `eval`: also scores that, and the best-ranked "
+                            "sentence alone)")
         q.add_argument("--rerank", action="store_true",
                        help="with --sentences: rank the sentences with the model's own likelihood of the question "
                             "too (UPR), not only the embedding model's and the terms'")
@@ -360,7 +361,9 @@ def _rag(a: Any) -> None:
         print(f"  {mode:7}" + "  ".join(f"{key} {v:.3f}" for key, v in m.items()))
     rag = (f"with RAG ({q.mode}, k={q.k}" + (f", {q.sentences} sentences" if q.sentences > 0 else "")
            + (", reranked)" if q.rerank else ")"))
-    for key, what in (("without_rag", "without RAG"), ("with_rag", rag), ("with_rag_snapped", rag + ", snapped"),
+    fell = f" ({result['snap_fallbacks']} drew on no source: the best-ranked sentence)" if q.snap else ""
+    for key, what in (("without_rag", "without RAG"), ("with_rag", rag), ("with_rag_snapped", rag + ", snapped" + fell),
+                      ("with_rag_snapped_strict", rag + ", snapped where the reply draws on a source"),
                       ("first_source", "the best-ranked source sentence alone, no model")):
         if key in result:
             print(f"answers {what}: exact {result[key]['exact_match']:.1%}, contains {result[key]['contains']:.1%}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -371,7 +372,7 @@ def test_evidence_drops_a_sentence_piece_that_the_neighbouring_chunk_holds_whole
     cut = hit("Press Cosy to keep warm. The K7 keeps water", 0)  # a chunk ending mid-sentence
     whole = hit("The K7 keeps water warm for 45 minutes. It then switches off.", 1)
     other = hit("The K7 keeps water", 2, "Manual > Other")  # another section: not a piece of this one's
-    index = SimpleNamespace(embedder=HashEmbedder())
+    index = SimpleNamespace(embedder=HashEmbedder(), idf=lambda words: dict.fromkeys(words, 1.0))
     got = [h.text for h in evidence(index, "How long does the K7 keep water warm?", [cut, whole, other], 10)]
     assert sorted(got) == sorted(["Press Cosy to keep warm.", "The K7 keeps water warm for 45 minutes.",
                                   "It then switches off.", "The K7 keeps water"])
@@ -390,6 +391,9 @@ def test_snapping_returns_the_source_sentence_the_reply_draws_on():
     assert snap_to_source("The K7 has many presets.", q, sources) == "The K7 has many presets.", \
         "words the question already holds (K7, presets) ground nothing: the reply stays"
     assert snap_to_source("I do not know.", q, []) == "I do not know."
+    assert snap_to_source("The K7 has many presets.", q, sources, "The best-ranked sentence.") == \
+        "The best-ranked sentence.", "a reply grounded in no source sentence: the fallback given"
+    assert snap_to_source("It draws 2200 watt", "How powerful is it?", sources, "x") == "| power | 2200 watts |"
     twice = [hit("Keep warm for 45 minutes."), hit("Descale every 45 minutes.", 1)]
     assert snap_to_source("45 minutes", "How long?", twice) == "Keep warm for 45 minutes.", "a tie: the better source"
 
@@ -410,6 +414,10 @@ def test_evidence_gives_the_sentences_closest_to_the_question_with_their_chunk(t
             assert (h.source, h.chunk, chunk.heading.split(" > ")[-1]) == (chunk.source, chunk.chunk, h.heading)
             assert h.text in chunk.text and sources([h]) == ["errors.md"]
         assert best[0].score >= best[1].score
+        assert idx.count() == (2, 3)
+        idf = idx.idf(["e4", "mean", "means", "citric", "nowhere"])
+        assert idf["mean"] == idf["means"] == idf["e4"] == math.log(1 + 3 / 2), "counted under Porter stems, by chunk"
+        assert idf["citric"] == idf["nowhere"] == math.log(1 + 3), "a term no chunk holds counts as held once"
         every = evidence(idx, "What does error E4 mean?", hits, 100)
         assert len(every) == 7 and every == evidence(idx, "What does error E4 mean?", hits + hits, 100), \
             "every sentence once (one a chunk overlap repeats counts once), no more"
@@ -431,7 +439,10 @@ def test_answers_and_evaluation_snapped_to_the_source_sentence(tmp_path, tiny_lo
         {"prompt": "What should I descale with?", "response": "citric acid"}]))
     with Index.build(tmp_path / "idx", [write(tmp_path / "docs", MANUAL)], embedder=HashEmbedder()) as idx:
         reply = answer(model, tok, idx, "What does error E4 mean?", k=2, max_new_tokens=4, snap=True)
-        assert reply.text == snap_to_source(reply.generated, "What does error E4 mean?", reply.sources)
+        best = evidence(idx, "What does error E4 mean?", reply.sources, 1)[0].text
+        assert reply.text == snap_to_source(reply.generated, "What does error E4 mean?", reply.sources, best)
+        assert reply.text == best == "Error E4 means limescale build-up.", \
+            "a random model's reply grounds nothing: the best-ranked source sentence"
         plain = answer(model, tok, idx, "What does error E4 mean?", k=2, max_new_tokens=4)
         assert (plain.text, plain.generated) == (reply.generated, ""), "the same reply; unsnapped by default"
         r = evaluate(model, tok, idx, qa, k=2, max_new_tokens=3, baseline=False, modes=(), sentences=2, snap=True)
@@ -439,7 +450,10 @@ def test_answers_and_evaluation_snapped_to_the_source_sentence(tmp_path, tiny_lo
     assert "with_rag_snapped" not in unsnapped and unsnapped["with_rag"] == r["with_rag"]
     assert r["first_source"] == {"exact_match": 0.0, "contains": 1.0, "n": 2}, "retrieval alone finds both"
     assert len(r["replies"]) == 2 and all(isinstance(x, str) for x in r["replies"])
-    assert set(r["with_rag_snapped"]) == {"exact_match", "contains", "n"}
+    assert set(r["with_rag_snapped"]) == set(r["with_rag_snapped_strict"]) == {"exact_match", "contains", "n"}
+    assert r["snap_fallbacks"] == 2 and r["with_rag_snapped"] == r["first_source"], \
+        "a random model's replies draw on no source: both fall back to the best-ranked sentence"
+    assert r["with_rag_snapped_strict"] == r["with_rag"], "and, strictly, stay as they are"
 
 
 def test_the_reranker_scores_the_mean_log_probability_of_the_question_after_each_passage(tmp_path, tiny_long):
@@ -478,12 +492,13 @@ def test_the_reranker_scores_the_mean_log_probability_of_the_question_after_each
         hits = idx.search(question, 3, "hybrid")
         plain_order = evidence(idx, question, hits, 3)
         reranked = evidence(idx, question, hits, 3, model, tok)
-        # the same sentences, ordered by reciprocal rank fusion of the two usual rankings and the model's
+        # the same sentences, ordered by reciprocal rank fusion of the usual ranking and the model's
         lm = dict(zip([p.split(": ", 1)[1] for p in passages], plain))
         rank = {h.text: r for r, h in enumerate(sorted(reranked, key=lambda h: -lm[h.text]))}
+        usual = {h.text: r for r, h in enumerate(plain_order)}
+        assert set(usual) == set(rank)
         for h in reranked:
-            assert h.score == pytest.approx(next(p.score for p in plain_order if p.text == h.text)
-                                            + 1 / (RRF_K + rank[h.text]))
+            assert h.score == pytest.approx(1 / (RRF_K + usual[h.text]) + 1 / (RRF_K + rank[h.text]))
         assert [h.score for h in reranked] == sorted((h.score for h in reranked), reverse=True)
         reply = answer(model, tok, idx, question, k=3, max_new_tokens=2, sentences=3, rerank=True)
         assert [h.text for h in reply.sources] == [h.text for h in reranked]
@@ -539,11 +554,12 @@ def test_the_command_line_end_to_end(tmp_path, tiny_long, minilm, capsys, monkey
     main(["rag", "eval", "--index", index, "--model", str(tiny_long), "--data", str(qa), "--max-new-tokens", "2",
           "--no-baseline", "--snap"])
     out = capsys.readouterr().out
-    assert "snapped: exact" in out and "the best-ranked source sentence alone, no model: exact" in out
+    assert "snapped where the reply draws on a source: exact" in out and "drew on no source" in out
+    assert "the best-ranked source sentence alone, no model: exact" in out
     main(["rag", "eval", "--index", index, "--model", str(tiny_long), "--data", str(qa), "--max-new-tokens", "2",
           "--no-baseline", "--sentences", "2", "--rerank", "--snap"])
     out = capsys.readouterr().out
-    assert "2 sentences, reranked): exact" in out and "2 sentences, reranked), snapped: exact" in out
+    assert "2 sentences, reranked): exact" in out and "2 sentences, reranked), snapped (" in out
     lines = iter(["What is the pairing code?", "/exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     main(["chat", "--model", str(tiny_long), "--rag", index, "--max-new-tokens", "2"])

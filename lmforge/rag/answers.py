@@ -6,8 +6,8 @@ oldest conversation turns are dropped first, then the least relevant sources; th
 `sentences=N` the sources are the N sentences (or table rows) of the retrieved chunks closest to the question
 (`evidence`) instead of whole chunks: a short evidence window that a small model reads more reliably; with
 `rerank=True` the model that answers ranks them too (`rerank.question_logprobs`, UPR; off by default). With
-`snap=True` the answer is the source sentence the reply draws on, verbatim (`snap_to_source`: extractive
-grounding, off by default).
+`snap=True` the answer is the source sentence the reply draws on, verbatim, or the best-ranked source sentence
+where the reply draws on none (`snap_to_source`: extractive grounding, off by default).
 """
 
 from __future__ import annotations
@@ -123,21 +123,24 @@ def evidence(index: Index, question: str, hits: Sequence[Hit], n: int = 5, model
              tokenizer: Any = None) -> list[Hit]:
     """The `n` sentences (`split_sentences`) of `hits` closest to `question`, best first, each a Hit of its chunk:
     same file and chunk number, `heading` its section's own title (the last part of the chunk's heading path),
-    `text` the sentence, `score` the fused score. Ranked by reciprocal rank fusion of two scores: the cosine
-    similarity of the question and "section title: sentence" under the index's embedding model, and the
-    idf-weighted overlap of their BM25 terms (idf among the candidates). Given a `model` (and its `tokenizer`),
-    a third: how likely the model finds the question after reading "section title: sentence"
-    (`rerank.question_logprobs`, UPR). A sentence that overlapping chunks of one section repeat counts once,
+    `text` the sentence, `score` its score. The score of "section title: sentence": the question's BM25 terms
+    it holds (a plural "s" aside), each weighted by its idf in the whole index (`Index.idf`), plus its cosine
+    similarity to the question under the index's embedding model (in [-1, 1]: it orders sentences that hold
+    the same terms, and outweighs one idf unit at most). Given a `model` (and its `tokenizer`), that ranking and
+    how likely the model finds the question after reading "section title: sentence" (`rerank.question_logprobs`,
+    UPR) are fused by reciprocal rank. A sentence that overlapping chunks of one section repeat counts once,
     and a piece of a sentence (cut by a chunk's edge) that the neighbouring chunk holds whole is dropped."""
     units, titles, titled = _candidates(hits)
     if not units or n < 1:
         return []
     import numpy as np
 
-    fused = np.zeros(len(units))
-    for score in _scores(index, question, titled, model, tokenizer):
-        ranks = np.argsort(np.argsort(-score, kind="stable"), kind="stable")  # 0 = best
-        fused += 1.0 / (RRF_K + ranks)
+    fused = _score(index, question, titled)
+    if model is not None:
+        from lmforge.rag.rerank import question_logprobs
+
+        upr = np.array(question_logprobs(model, tokenizer, question, titled))
+        fused = sum(1.0 / (RRF_K + np.argsort(np.argsort(-s, kind="stable"), kind="stable")) for s in (fused, upr))
     best = np.argsort(-fused, kind="stable")[:n]
     return [Hit(units[i][0].source, units[i][0].location, titles[i], units[i][1], units[i][0].chunk, float(fused[i]),
                 units[i][0].chunk_id) for i in best]
@@ -158,39 +161,38 @@ def _candidates(hits: Sequence[Hit]) -> tuple[list[tuple[Hit, str]], list[str], 
     return units, titles, [f"{t}: {s}" if t else s for t, (_, s) in zip(titles, units)]
 
 
-def _scores(index: Index, question: str, titled: Sequence[str], model: Any = None, tokenizer: Any = None) -> list:
-    """The scores `evidence` fuses, higher is better, each (U,): dense cosine, idf-weighted term overlap, and
-    with a `model` its mean log-probability of the question given each sentence."""
+def _score(index: Index, question: str, titled: Sequence[str]):
+    """(U,) `evidence`'s score of each "section title: sentence": the index-wide idf of the question's terms it
+    holds plus its cosine similarity to the question."""
     import numpy as np
 
     vectors = index.embedder.encode([question, *titled])  # (1 + U, dim) unit rows
-    dense = vectors[1:] @ vectors[0]  # (U,) cosine similarities
-    words = [set(terms(t)) for t in titled]
-    df: dict[str, int] = {}
-    for w in words:
-        for t in w:
-            df[t] = df.get(t, 0) + 1
-    asked = set(terms(question))
-    lexical = np.array([sum(math.log(1 + len(titled) / df[t]) for t in asked & w) for w in words])
-    if model is None:
-        return [dense, lexical]
-    from lmforge.rag.rerank import question_logprobs
-
-    return [dense, lexical, np.array(question_logprobs(model, tokenizer, question, titled))]
+    asked = {_stem(t) for t in terms(question)}
+    idf = index.idf(asked)
+    lexical = [sum(idf[t] for t in asked & {_stem(w) for w in terms(u)}) for u in titled]
+    return np.array(lexical) + vectors[1:] @ vectors[0]
 
 
 def _stem(term: str) -> str:
     return term[:-1] if len(term) > 3 and term.endswith("s") and not term.endswith("ss") else term
 
 
-def snap_to_source(reply: str, question: str, sources: Sequence[Hit]) -> str:
+def snap_to_source(reply: str, question: str, sources: Sequence[Hit], fallback: str | None = None) -> str:
     """Extractive grounding: the sentence of `sources` (best first; `split_sentences` of each) that `reply`
-    draws on, verbatim, instead of the model's own words; `reply` itself when it draws on none.
+    draws on, verbatim, instead of the model's own words; where it draws on none (it echoes the question, or
+    says what no source says), `fallback` (`answer` and `evaluate` give the best-ranked source sentence, so a
+    snapped answer is always the sources' words), or `reply` itself when no fallback is given.
 
     The reply's terms (BM25 terms, a plural "s" dropped) that the question does not already contain are what
     it adds; the sentence holding the most of them, each weighted by its idf among the sentences, wins (ties:
     the better-ranked source). So "The K7 has 5 temperature presets." becomes "The K7 has 5 presets: 60, 70,
     80, 90 and 100 °C." — the manual's words, which the reply paraphrased."""
+    drawn = _drawn_on(reply, question, sources)
+    return drawn if drawn is not None else reply if fallback is None else fallback
+
+
+def _drawn_on(reply: str, question: str, sources: Sequence[Hit]) -> str | None:
+    """`snap_to_source`'s sentence of `sources` that `reply` draws on; None where it draws on none."""
     units = list(dict.fromkeys(u for h in sources for u in split_sentences(h.text)))
     added = {_stem(t) for t in terms(reply)} - {_stem(t) for t in terms(question)}
     held = [{_stem(t) for t in terms(u)} for u in units]
@@ -198,7 +200,7 @@ def snap_to_source(reply: str, question: str, sources: Sequence[Hit]) -> str:
     for h in held:
         for t in h:
             df[t] = df.get(t, 0) + 1
-    best, top = reply, 0.0
+    best, top = None, 0.0
     for unit, h in zip(units, held):
         score = sum(math.log(1 + len(units) / df[t]) for t in added & h)
         if score > top:
@@ -225,6 +227,7 @@ def answer(model: Any, tokenizer: Any, index: Index, question: str, k: int = 3, 
     closest to the question (`evidence`), not the whole chunks; `rerank`: ranked with the model's own
     likelihood of the question too (`evidence(..., model=)`, UPR; needs `sentences`). `snap`: the answer is the
     source sentence the reply draws on (`snap_to_source`; the reply, still streamed, is kept as `generated`).
+    Where the reply draws on no source sentence, the snapped answer is the best-ranked one (`evidence`).
     `history`: earlier turns of a conversation; `options`: GenerationConfig fields."""
     from lmforge.generate import stream
 
@@ -241,8 +244,16 @@ def answer(model: Any, tokenizer: Any, index: Index, question: str, k: int = 3, 
         if on_piece is not None:
             on_piece(piece)
     if snap:
-        return Answer(snap_to_source(text, question, kept), kept, len(ids), generated=text)
+        best = _best_sentence(index, question, kept, sentences)
+        return Answer(snap_to_source(text, question, kept, best), kept, len(ids), generated=text)
     return Answer(text, kept, len(ids))
+
+
+def _best_sentence(index: Index, question: str, sources: Sequence[Hit], sentences: int) -> str | None:
+    """The best-ranked sentence of `sources`: the first where they are sentences already (`sentences` > 0),
+    else the best of the chunks' (`evidence`); None without sources."""
+    best = sources[:1] if sentences > 0 else evidence(index, question, sources, 1)
+    return best[0].text if best else None
 
 
 def _check_rerank(rerank: bool, sentences: int) -> None:
@@ -320,9 +331,11 @@ def evaluate(model: Any, tokenizer: Any, index: Index, path: str | os.PathLike, 
     contains, as the SFT recipe scores it) without retrieval (`baseline`) and with `k` chunks of `mode` in the
     prompt (or, `sentences` > 0, their `sentences` best sentences: `evidence`, ranked with the model too when
     `rerank`), on the questions in `path`.
-    `snap`: also the accuracy of the same replies snapped to the source sentence they draw on
-    (`snap_to_source`, as `with_rag_snapped`), and of the best-ranked source sentence alone, no model
-    (`first_source`: what retrieval gives by itself)."""
+    `snap`: also the accuracy of the same replies snapped to the source sentence they draw on, or to the
+    best-ranked one where they draw on none (`snap_to_source`, as `answer` snaps: `with_rag_snapped`;
+    `snap_fallbacks` replies fell back so), of the replies snapped where they draw on a source and left as they
+    are elsewhere (`with_rag_snapped_strict`: the model's choice alone), and of the best-ranked source sentence
+    alone, no model (`first_source`: what retrieval gives by itself)."""
     from lmforge.recipes.common import answer_accuracy, greedy_replies, score_answers
 
     _check_rerank(rerank, sentences)
@@ -353,7 +366,10 @@ def evaluate(model: Any, tokenizer: Any, index: Index, path: str | os.PathLike, 
     result["replies"] = replies
     if snap:
         asked = [msgs[-1]["content"] for msgs, _, _ in questions]
-        result["with_rag_snapped"] = accuracy([snap_to_source(r, q, h) for r, q, h in zip(replies, asked, given)])
-        best = given if sentences > 0 else [evidence(index, q, h, 1) for q, h in zip(asked, given)]
-        result["first_source"] = accuracy([h[0].text if h else "" for h in best])
+        best = [_best_sentence(index, q, h, sentences) for q, h in zip(asked, given)]
+        drawn = [_drawn_on(r, q, h) for r, q, h in zip(replies, asked, given)]  # None: drew on no source
+        result["with_rag_snapped"] = accuracy([d or b or r for d, b, r in zip(drawn, best, replies)])
+        result["with_rag_snapped_strict"] = accuracy([d or r for d, r in zip(drawn, replies)])
+        result["snap_fallbacks"] = sum(d is None and b is not None for d, b in zip(drawn, best))
+        result["first_source"] = accuracy([b or "" for b in best])
     return result

@@ -20,11 +20,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import math
 import os
 import re
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -420,6 +421,16 @@ class Index:
                     fused[cid] = fused.get(cid, 0.0) + 1.0 / (RRF_K + rank)
             ranked = sorted(fused.items(), key=lambda x: -x[1])[:k]
         return self._hits(ranked)
+
+    def idf(self, words: Iterable[str]) -> dict[str, float]:
+        """{term: log(1 + chunks / chunks holding it)} for BM25 terms (`terms`), counted by the FTS5 table, so
+        under its Porter stems ("means" is counted with "mean"); a term no chunk holds counts as held once."""
+        n = max(self.count()[1], 1)
+        out = {}
+        for w in dict.fromkeys(words):
+            held = self.db.execute("SELECT COUNT(*) FROM chunks_fts WHERE chunks_fts MATCH ?", (f'"{w}"',)).fetchone()[0]
+            out[w] = math.log(1 + n / max(held, 1))
+        return out
 
     def _bm25(self, query: str, k: int) -> list[tuple[int, float]]:
         q = _match_query(query)
