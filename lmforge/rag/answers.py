@@ -243,9 +243,9 @@ def answer(model: Any, tokenizer: Any, index: Index, question: str, k: int = 3, 
         text += piece
         if on_piece is not None:
             on_piece(piece)
-    if snap:
-        best = _best_sentence(index, question, kept, sentences)
-        return Answer(snap_to_source(text, question, kept, best), kept, len(ids), generated=text)
+    if snap:  # the best-ranked sentence only where the reply draws on none (ranking chunks' sentences embeds)
+        drawn = _drawn_on(text, question, kept)
+        return Answer(drawn or _best_sentence(index, question, kept, sentences) or text, kept, len(ids), generated=text)
     return Answer(text, kept, len(ids))
 
 

@@ -425,7 +425,7 @@ class Index:
     def idf(self, words: Iterable[str]) -> dict[str, float]:
         """{term: log(1 + chunks / chunks holding it)} for BM25 terms (`terms`), counted by the FTS5 table, so
         under its Porter stems ("means" is counted with "mean"); a term no chunk holds counts as held once."""
-        n = max(self.count()[1], 1)
+        n = max(self.db.execute("SELECT COUNT(*) FROM chunks").fetchone()[0], 1)
         out = {}
         for w in dict.fromkeys(words):
             held = self.db.execute("SELECT COUNT(*) FROM chunks_fts WHERE chunks_fts MATCH ?", (f'"{w}"',)).fetchone()[0]
