@@ -2,7 +2,11 @@
 transformers `generate()` with its static cache, compiled, on the same weights). SmolLM2-135M shape with
 random weights (speed does not depend on the values), 32-token prompt, 256 new tokens, no early stop.
 
-    python benchmarks/gpu_decode.py [--new-tokens 256] [--no-hf] [--profile 64]
+    python benchmarks/gpu_decode.py [--new-tokens 256] [--no-hf] [--profile 64] [--quantize int4 int8] [--products]
+
+--quantize also decodes with lmforge.quantize's int8 / int4 modules (CUDA: int4 through torch's tinygemm kernel,
+int8 widened in a compiled product) beside bf16, in the same call. --products times one row's product for each
+linear shape of SmolLM2 and of a 7B LLaMA: bf16 F.linear, int8 and int4 modules (compiled), in GB/s of weights.
 
 --profile N also traces N compiled steps with torch.profiler and prints, per token: the wall time, the time
 the GPU spent in kernels, the number of kernels, and the kernels that take most of it (is the step bound by
@@ -12,7 +16,9 @@ the host, by kernel count, or by a few slow kernels?).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import time
 
 import torch
@@ -53,14 +59,49 @@ def profile_steps(model, prompt: list[int], n: int, dev: torch.device) -> None:
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
 
+def products(dev: torch.device) -> None:
+    """One row through each linear shape of SmolLM2-135M and of LLaMA-2-7B: microseconds and GB/s of weights
+    read, for bf16 and lmforge's int8 / int4 modules, each in a compiled function (the decode step's form)."""
+    from torch import nn
+
+    from lmforge.quantize import quantize
+
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    for n, k in ((960, 576), (3072, 576), (576, 1536), (49152, 576), (12288, 4096), (22016, 4096), (4096, 11008)):
+        lin = nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        row = {"what": "product", "device": str(dev), "out": n, "in": k}
+        for name in ("bf16", "int8", "int4"):
+            layer = lin if name == "bf16" else quantize(nn.Sequential(copy.deepcopy(lin)), name)[0]
+            tg = getattr(layer, "tinygemm_weight", None)  # int4 on CUDA reads tinygemm's copy, not the blocks
+            read = [tg, layer.tinygemm_scale_zero] if tg is not None else list(layer.parameters())
+            nbytes = sum(t.numel() * t.element_size() for t in read)
+            fn = torch.compile(layer)
+            for _ in range(3):
+                fn(x)
+            sync()
+            reps = 200 if dev.type == "cuda" else 5
+            t = time.perf_counter()
+            for _ in range(reps):
+                fn(x)
+            sync()
+            us = (time.perf_counter() - t) / reps * 1e6
+            row[f"{name}_us"], row[f"{name}_GBs"] = round(us, 1), round(nbytes / us / 1e3, 1)
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-hf", action="store_true")
     p.add_argument("--profile", type=int, default=0, help="trace this many compiled steps (0: none)")
+    p.add_argument("--quantize", nargs="*", default=[], choices=["int8", "int4"])
+    p.add_argument("--products", action="store_true", help="time one row's product per linear shape")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda":
+        os.environ.setdefault("LMFORGE_CPU_KERNELS", "0")  # quantize() would build the CPU kernels: not used here
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = ModelConfig.from_preset("smollm2-135m")
     torch.manual_seed(0)
@@ -89,6 +130,16 @@ def main() -> None:
 
     record("lmforge eager", ours(False))
     record("lmforge compiled step", ours(True))
+    if args.quantize:
+        from lmforge.quantize import quantize
+
+        bf16 = model
+        for scheme in args.quantize:
+            model = quantize(copy.deepcopy(bf16), scheme)
+            record(f"lmforge compiled step {scheme}", ours(True))
+        model = bf16
+    if args.products:
+        products(dev)
     if args.profile:
         profile_steps(model, prompt, args.profile, dev)
     if not args.no_hf:

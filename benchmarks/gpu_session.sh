@@ -8,6 +8,7 @@
 # Prepare here, once per checkout (.devbench/ is git-ignored; ../shared does not travel to the machine):
 #     mkdir -p .devbench && cp ../shared/bench/gpu_reference.py .devbench/
 # then call the device tool with:  command="bash benchmarks/gpu_session.sh", carry=[".devbench"], timeout_s=590
+# (`bash benchmarks/gpu_session.sh quantized`, timeout_s=450: only the quantized decode check, a second call.)
 # The machine's image has torch, transformers, tokenizers, safetensors, tensorboard (lmforge runs from the
 # tree via PYTHONPATH: nothing to install). Every part's output also lands in $OUT/*.log, which comes back.
 set -uo pipefail
@@ -17,6 +18,10 @@ mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/machine.log"
+if [ "${1:-}" = quantized ]; then  # issue 18's CUDA check alone (~4 min): bf16 against int8 / int4, per shape too
+  timeout 420 python3 benchmarks/gpu_decode.py --rounds 3 --quantize int4 int8 --products 2>&1 | tee "$OUT/quantized.log"
+  exit 0
+fi
 timeout 140 python3 benchmarks/gpu_decode.py --profile 64 2>&1 | tee "$OUT/decode.log"
 timeout 30 python3 benchmarks/gpu_attention.py 2>&1 | tee "$OUT/attention.log"
 timeout 230 python3 benchmarks/gpu_pretrain.py --out "$OUT" 2>&1 | tee "$OUT/pretrain.log"

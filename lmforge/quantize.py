@@ -7,13 +7,18 @@ the model's dtype. On CPU, up to 64 rows (decoding, short prompts; 8 a call) go 
 (`kernels/int8_gemv.cpp`, `kernels/int4_gemv.cpp`, loaded by these functions), which read the activations as
 int16 blocks of 32 (1 part in 65534 of a block's largest value: `kernels/qx.h`) for integer products; longer
 int8 prompts through torch's `_weight_int8pack_mm`; the rest through the weight unpacked for the product
-(correct, not fast).
+(correct, not fast). On CUDA, int4 goes through torch's tensor-core int4 kernel (`_weight_int4pack_mm`,
+"tinygemm", what gpt-fast and torchao's int4 weight-only use; bf16 activations, Ampere or newer), int8 as
+gpt-fast writes it, `F.linear(x, q.to(x.dtype)) * scale`, which torch.compile fuses into one kernel reading
+the int8 weight (torch's own CUDA `_weight_int8pack_mm` is a one-thread-per-output loop, not a fast path).
 
 Norms (and an untied model's embedding) stay as they are. A tied model's LM head is quantized, and its
 embedding then reads the same quantized table (`QuantEmbedding`): the weights are held once, at their
 quantized size."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -91,11 +96,18 @@ class Int8Linear(nn.Module):
         cpu = x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
         if cpu and self.kernel and 0 < rows <= CHUNKED_ROWS and (self.in_features // self.scale.shape[1]) % 32 == 0:
             return _gemv(torch.ops.lmforge.int8_gemv, x, self, self.q, self.scale)  # x read in int16 blocks of 32
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         if cpu and self.scale.shape[1] == 1:  # one scale per row: torch's kernel
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), self.q, self.scale[:, 0].to(x.dtype))
             y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
-        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return y if bias is None else y + bias
+        if not cpu:  # CUDA: the int8 weight widened in the product (compiled: one kernel reading int8)
+            if self.scale.shape[1] == 1:
+                y = F.linear(x, self.q.to(x.dtype)) * self.scale[:, 0].to(x.dtype)
+                return y if bias is None else y + bias
+            groups = self.q.to(x.dtype).unflatten(-1, (self.scale.shape[1], -1))  # (out, in / G, G)
+            return F.linear(x, (groups * self.scale.to(x.dtype)[..., None]).flatten(-2), bias)
+        return F.linear(x, self.dequantized().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         group = self.in_features // self.scale.shape[1]
@@ -107,10 +119,14 @@ class Int4Linear(nn.Module):
     """y = x @ w'ᵀ + b with w' = q * scale + minimum for each block of 32 inputs of a row, q in [0, 15]: GGUF's
     Q4_1 (Q4_0's symmetric blocks are the case minimum = -8 * scale), held in its layout: 16 bytes a block,
     value j in the low nibble of byte j, value j + 16 in its high nibble. One to eight rows on CPU go through
-    lmforge::int4_gemv when `kernel` (set by `quantize` / `load_gguf_blocks`); more rows, or another device,
-    through the weight unpacked for the product."""
+    lmforge::int4_gemv when `kernel` (set by `quantize` / `load_gguf_blocks`); on a CUDA GPU of compute
+    capability 8.0 or newer through torch's tinygemm kernel (`_tinygemm`: the same values, the scales and
+    minimums rounded to bf16 for it, held beside the blocks: 2x the 4-bit bytes on the GPU); otherwise, or for
+    more rows on CPU, through the weight unpacked for the product."""
 
     kernel = False
+    tinygemm_weight: torch.Tensor | None
+    tinygemm_scale_zero: torch.Tensor | None
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -125,6 +141,8 @@ class Int4Linear(nn.Module):
         self.minimum = _frozen(minimum.reshape(out, -1))  # (out, in / 32)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.in_features, self.out_features = k, out
+        self.register_buffer("tinygemm_weight", None, persistent=False)
+        self.register_buffer("tinygemm_scale_zero", None, persistent=False)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> Int4Linear:
@@ -142,20 +160,86 @@ class Int4Linear(nn.Module):
         """The weight these 4-bit values stand for, fp32 (out, in)."""
         return self.rows(torch.arange(self.out_features, device=self.packed.device))
 
+    def codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The 4-bit values q in [0, 15] of rows `ids` (default all), uint8 (..., in)."""
+        p = (self.packed if ids is None else self.packed[ids]).unflatten(-1, (-1, 16))  # (..., in / 32, 16)
+        return torch.cat((p & 0x0F, p >> 4), dim=-1).flatten(-2)
+
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows `ids` of the dequantized weight, fp32 (*ids.shape, in): an embedding lookup in this table."""
-        p = self.packed[ids].unflatten(-1, (-1, 16))  # (..., in / 32, 16)
-        q = torch.cat((p & 0x0F, p >> 4), dim=-1).float()  # (..., in / 32, 32)
+        q = self.codes(ids).float().unflatten(-1, (-1, 32))  # (..., in / 32, 32)
         return (q * self.scale[ids][..., None] + self.minimum[ids][..., None]).flatten(-2)
+
+    def _apply(self, fn, recurse=True):
+        """Moved or cast as any module; on a CUDA GPU that tinygemm runs on, its packed weight made anew."""
+        self.tinygemm_weight = self.tinygemm_scale_zero = None
+        super()._apply(fn, recurse)
+        if self.packed.is_cuda:
+            self.tinygemm_weight, self.tinygemm_scale_zero = _tinygemm(self)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.kernel and 0 < rows <= CHUNKED_ROWS and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
             return _gemv(torch.ops.lmforge.int4_gemv, x, self, self.packed, self.scale, self.minimum)
-        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if self.tinygemm_weight is not None and x.is_cuda and rows > 0:
+            y = torch.ops.aten._weight_int4pack_mm(x.reshape(rows, -1).to(torch.bfloat16).contiguous(),
+                                                   self.tinygemm_weight, 32, self.tinygemm_scale_zero)
+            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # (..., out)
+            return y if bias is None else y + bias
+        return F.linear(x, self.dequantized().to(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 in blocks of 32"
+
+
+def tinygemm_layout(module: Int4Linear) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`module`'s blocks as torch's int4 CUDA kernel takes them: the weight as uint8 (out, in / 2), byte j
+    holding value 2j in its high nibble and 2j + 1 in its low one (`_convert_weight_to_int4pack` packs that
+    into its tensor-core tiles); scale and zero per block, bf16 (in / 32, out, 2), its dequantisation being
+    (q - 8) * scale + zero, so zero = minimum + 8 * scale; and the number of k-tiles of 16 packed together
+    (8, 4 or 2: the most that divide the row)."""
+    q = module.codes()  # (out, in)
+    weight = (q[:, ::2] << 4 | q[:, 1::2]).contiguous()
+    scale, minimum = module.scale.float(), module.minimum.float()
+    scale_zero = torch.stack((scale, minimum + 8 * scale), dim=-1).transpose(0, 1)  # (in / 32, out, 2)
+    inner = next(t for t in (8, 4, 2) if module.in_features % (16 * t) == 0)
+    return weight, scale_zero.to(torch.bfloat16).contiguous(), inner
+
+
+_TINYGEMM_WARNED: set[str] = set()
+
+
+def _tinygemm(module: Int4Linear) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The tinygemm form of a CUDA `module` (`tinygemm_layout`, packed by torch), or (None, None) where the GPU
+    or the shape does not take it (compute capability under 8.0, ROCm, rows not a multiple of 8). Checked once
+    against the dequantized product on a random row: a kernel that disagrees (a torch whose layout moved) is
+    not used, with a warning, and the layer keeps the dequantized product."""
+    dev = module.packed.device
+    if (torch.version.hip or module.out_features % 8 or torch.cuda.get_device_capability(dev) < (8, 0)
+            or not hasattr(torch.ops.aten, "_weight_int4pack_mm")):
+        return None, None
+    weight, scale_zero, inner = tinygemm_layout(module)
+    try:
+        packed = torch.ops.aten._convert_weight_to_int4pack(weight, inner)
+        x = torch.randn(1, module.in_features, device=dev, generator=torch.Generator(dev).manual_seed(0))
+        x = x.to(torch.bfloat16)
+        got = torch.ops.aten._weight_int4pack_mm(x, packed, 32, scale_zero).float()
+    except RuntimeError as e:
+        reason = f"raised {str(e).splitlines()[0]}"
+    else:
+        want = x.float() @ module.dequantized().T
+        err = ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
+        if err < 0.02:  # bf16 activations, scales and output: ~0.3%; a wrong layout: ~100%
+            return packed, scale_zero
+        reason = f"is {err:.1%} off the dequantized product"
+    if reason not in _TINYGEMM_WARNED:
+        _TINYGEMM_WARNED.add(reason)
+        warnings.warn(f"quantize: torch's int4 CUDA kernel {reason} (layer of {module.out_features} x "
+                      f"{module.in_features}); int4 layers keep the dequantized product (correct, slower)",
+                      stacklevel=3)
+    return None, None
 
 
 class QuantEmbedding(nn.Module):

@@ -2,6 +2,9 @@
 tight bound), the quantization error is what the format allows, bad settings are named, and SmolLM2 keeps
 its answers."""
 
+import re
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,93 @@ def test_each_module_is_the_product_with_its_dequantized_weight(scheme, group, d
     assert y.dtype == dtype and y.shape == (2, 7, 96)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the activations and the output are rounded
     torch.testing.assert_close(y.double(), exact, atol=tol * exact.abs().max().item(), rtol=0)
+
+
+def test_int8_widened_in_the_product_as_on_a_gpu():
+    """The form CUDA runs (and any dtype the CPU kernels do not take, here float64): the int8 weight widened to
+    x's dtype, times the row's scale, or each group's scale folded into the widened weight."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (48, 96), generator=g)
+    x = torch.randn(3, 96, generator=g, dtype=torch.float64)
+    for scale in (torch.rand(48, 1, generator=g) + 0.01, torch.rand(48, 3, generator=g) + 0.01):  # a row's, Q8_0's
+        lin = Int8Linear(q, scale, torch.randn(48, generator=g))
+        want = x @ (lin.q.double().unflatten(-1, (scale.shape[1], -1)) * scale.double()[..., None]).flatten(-2).T
+        torch.testing.assert_close(lin(x), want + lin.bias.double(), rtol=1e-12, atol=1e-9)
+
+
+def test_int4_blocks_in_torchs_cuda_kernel_layout():
+    """What the int4 modules hand torch's CUDA kernel (tinygemm), checked without a GPU: the same values through
+    torch's CPU twin of that kernel (which takes the codes unpacked, with the same scale-and-zero tensor), the
+    nibble order unpacked by hand, and the shapes through torch's own checks (meta tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lmforge.quantize import tinygemm_layout
+
+    g = torch.Generator().manual_seed(0)
+    for k in (576, 1536, 96):  # 4, 8 and 2 k-tiles of 16 packed together
+        lin = Int4Linear(torch.randint(0, 16, (32, k), generator=g), torch.rand(32, k // 32, generator=g) / 10 + 0.01,
+                         torch.randn(32, k // 32, generator=g) / 10, None)
+        weight, scale_zero, inner = tinygemm_layout(lin)
+        assert inner == {576: 4, 1536: 8, 96: 2}[k] and weight.dtype == torch.uint8 and weight.shape == (32, k // 2)
+        assert scale_zero.dtype == torch.bfloat16 and scale_zero.shape == (k // 32, 32, 2)
+        codes = torch.stack((weight >> 4, weight & 0x0F), dim=-1).flatten(-2)  # high nibble first
+        assert torch.equal(codes, lin.codes())
+        scale, zero = scale_zero[..., 0].float().T, scale_zero[..., 1].float().T  # (32, k / 32)
+        w = ((codes.float() - 8).unflatten(-1, (-1, 32)) * scale[..., None] + zero[..., None]).flatten(-2)
+        torch.testing.assert_close(w, lin.dequantized(), atol=0.01, rtol=0.01)  # scales and zeros in bf16
+        x = torch.randn(2, k, generator=g).to(torch.bfloat16)
+        cpu_twin = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), inner)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, cpu_twin, 32, scale_zero).float()
+        want = x.float() @ lin.dequantized().T
+        assert (y - want).norm() / want.norm() < 0.01
+        with FakeTensorMode():  # torch's shape checks of the CUDA ops, on stand-in CUDA tensors (no GPU needed)
+            on_gpu = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in (weight, x, scale_zero)]
+            packed = torch.ops.aten._convert_weight_to_int4pack(on_gpu[0], inner)
+            out = torch.ops.aten._weight_int4pack_mm(on_gpu[1], packed, 32, on_gpu[2])
+        assert out.shape == (2, 32) and out.dtype == torch.bfloat16
+    assert lin.tinygemm_weight is None  # on CPU the module keeps only its blocks
+
+
+def test_int4_gpu_kernel_is_checked_before_it_is_used(monkeypatch):
+    """The check a layer's tinygemm form passes when it moves to a GPU, run here with torch's CPU twin standing
+    in for the CUDA ops: the right layout is taken; a kernel that reads the nibbles the other way round, or
+    raises, is refused with a warning that says why, and the layer keeps the dequantized product."""
+    from lmforge import quantize as qmod
+
+    cpu_mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+    high_first = lambda w: torch.stack((w >> 4, w & 0x0F), dim=-1).flatten(-2)  # noqa: E731
+    low_first = lambda w: torch.stack((w & 0x0F, w >> 4), dim=-1).flatten(-2)  # noqa: E731
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm", cpu_mm, raising=False)
+    g = torch.Generator().manual_seed(0)
+    lin = Int4Linear(torch.randint(0, 16, (32, 128), generator=g), torch.rand(32, 4, generator=g) / 10 + 0.01,
+                     torch.randn(32, 4, generator=g) / 10, None)
+    for unpack, works in ((high_first, True), (low_first, False)):
+        monkeypatch.setattr(torch.ops.aten, "_convert_weight_to_int4pack", lambda w, inner, u=unpack:
+                            torch.ops.aten._convert_weight_to_int4pack_for_cpu(u(w).int(), inner), raising=False)
+        qmod._TINYGEMM_WARNED.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            weight, scale_zero = qmod._tinygemm(lin)
+        assert (weight is not None) == works
+        messages = [str(w.message) for w in caught]
+        if works:
+            assert messages == []
+        else:
+            assert len(messages) == 1 and re.fullmatch(
+                r"quantize: torch's int4 CUDA kernel is \d+\.\d% off the dequantized product \(layer of 32 x 128\); "
+                r"int4 layers keep the dequantized product \(correct, slower\)", messages[0])
+
+    def broken(*args):
+        raise RuntimeError("_weight_int4pack_mm_cuda is not available for build.")
+
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm", broken)
+    qmod._TINYGEMM_WARNED.clear()
+    with pytest.warns(UserWarning, match="kernel raised _weight_int4pack_mm_cuda is not available for build"):
+        assert qmod._tinygemm(lin) == (None, None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # before Ampere: not tried
+    assert qmod._tinygemm(lin) == (None, None)
 
 
 def test_quantize_swaps_every_linear_and_refuses_what_it_cannot_do():
