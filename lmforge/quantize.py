@@ -101,7 +101,7 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), self.q, self.scale[:, 0].to(x.dtype))
             y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
             return y if bias is None else y + bias
-        if not cpu:  # CUDA: the int8 weight widened in the product (compiled: one kernel reading int8)
+        if not cpu:  # CUDA (or a dtype the kernels do not take): the int8 weight widened in the product
             if self.scale.shape[1] == 1:
                 y = F.linear(x, self.q.to(x.dtype)) * self.scale[:, 0].to(x.dtype)
                 return y if bias is None else y + bias

@@ -170,9 +170,10 @@ def on_huge_pages(tensors: list[torch.Tensor]) -> bool:
     view = ctypes.c_char.from_buffer(buf)
     start = -ctypes.addressof(view) % HUGE_PAGE  # the first 2 MiB boundary in it
     del view
-    arena = torch.frombuffer(buf, dtype=torch.uint8)  # holds `buf` (unmapped when the last tensor goes)
-    for t, at in zip(tensors, offsets):
-        moved = arena[start + at:start + at + t.nbytes].view(t.dtype).view(t.shape)
-        moved.copy_(t.data)
-        t.data = moved
+    with torch.inference_mode(False):  # called from generate(): weights a later training step can still use
+        arena = torch.frombuffer(buf, dtype=torch.uint8)  # holds `buf` (unmapped when the last tensor goes)
+        for t, at in zip(tensors, offsets):
+            moved = arena[start + at:start + at + t.nbytes].view(t.dtype).view(t.shape)
+            moved.copy_(t.data)
+            t.data = moved
     return True

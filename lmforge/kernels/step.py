@@ -1,14 +1,15 @@
 """A whole decode step in one C++ call (`decode_step.cpp`), for the models it covers: LLaMA-family blocks
-(RMSNorm, RoPE, SwiGLU, MHA / GQA / MQA, biases or not, tied or not) on CPU, fp32 with `lmforge.quantize`'s
-int8 / int4 linears (a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks; any float ones among them too), or bf16 / fp16
-(float or quantized linears). `generate` and the server take it for every decode step of such a model (of a
-bf16 / fp16 one: steps of up to KERNEL_ROWS rows, `takes_rows`) and, for the fp32 ones, for prompts of up to
-PREFILL_ROWS tokens (`takes_prompt`); any other model, module (LoRA's wrappers, another attention, hooks) or
-device keeps the module path, eager or compiled. fp32 models without a quantized linear keep the module path
-too: there torch's products (the compiled graph's fp32 reduction for one row, MKL / OpenBLAS for prompts) were
-faster than the C++ step's (SmolLM2 f32, 1 thread: 40.2 against 31.7 tok/s). A bf16 / fp16 model's step keeps
-its activations in fp32 (its weights and KV cache as they are, each new key and value rounded once), as
-llama.cpp does; its module path rounds every activation to bf16, so the two agree to bf16's precision.
+(RMSNorm, RoPE, SwiGLU, MHA / GQA / MQA, biases or not, tied or not) on CPU, fp32, bf16 or fp16, their linears
+float or `lmforge.quantize`'s int8 / int4 (a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks). `generate` and the server
+take it for every decode step of such a model (of one without quantized linears, or a bf16 / fp16 one: steps
+of up to KERNEL_ROWS rows, `takes_rows`) and, for fp32 ones, for short prompts (`takes_prompt`); any other
+model, module (LoRA's wrappers, another attention, hooks) or device keeps the module path, eager or compiled.
+A bf16 / fp16 model's step keeps its activations in fp32 (its weights and KV cache as they are, each new key
+and value rounded once), as llama.cpp does; its module path rounds every activation to bf16, so the two agree
+to bf16's precision. An fp32 model of float linears (what pretraining makes) took the module path until
+session 15, when the C++ step had become the faster one there too (SmolLM2 f32 on the 2-core EPYC C, its
+weights on 2 MiB pages, alternating rounds: 2 threads 84.2 tok/s against 74.7 for the compiled module step and
+36.1 for the eager one, generate()'s default; 1 thread 52.4 / 43.3 / 32.5; the same greedy tokens).
 
 Why a native step: with 4-bit weights the products of a SmolLM2-135M token take ~3.7 ms on 2 cores, and a
 compiled torch graph adds ~2.5 ms of serial work around them (README: figures). It computes what the modules
@@ -39,6 +40,10 @@ _MLPS = (SwiGLU, FusedSwiGLU)
 
 
 PREFILL_ROWS = 64  # prompts of up to this many tokens (all rows together) are prefilled by the C++ step too
+# ... of a model whose linears are all fp32: there its 8-row passes beat torch's products of the whole prompt
+# only for short ones (SmolLM2 f32, 2 threads, C: 4 / 16 / 24 / 32 tokens 26 / 61 / 86 / 114 ms against 67 / 69
+# / 88 / 98, prompt and first token)
+FLOAT_PREFILL_ROWS = 16
 
 
 class NativeStep:
@@ -48,24 +53,27 @@ class NativeStep:
     slot + 1) False at pad slots, offsets (B, 1) left-pad counts. `prefill(ids (B, P), ...)` runs a short
     prompt. Both return the next-token logits (B, vocab), fp32."""
 
-    def __init__(self, obj: torch.ScriptObject, half: bool = False) -> None:
+    def __init__(self, obj: torch.ScriptObject, half: bool = False, quantized: bool = True) -> None:
         self.obj = obj
         self.half = half  # a bf16 / fp16 model
+        self.quantized = quantized  # some linear is int8 / int4
 
     def takes_rows(self, rows: int) -> bool:
-        """Whether a decode step of `rows` rows should run here: any number for a quantized model (its kernels
-        take 8 rows a pass, as its modules do), up to KERNEL_ROWS for a bf16 / fp16 one. With more, the modules
-        use torch's products (oneDNN's native bf16 on CPUs with AVX512-BF16), which read the weights once for all
-        rows: SmolLM2 bf16 serving 16 clients on C, 229 tok/s that way against 207 through the C++ step's two
-        8-row passes (1 client: 63 against 29 tok/s for the uncompiled module step)."""
-        return not self.half or rows <= KERNEL_ROWS
+        """Whether a decode step of `rows` rows should run here: any number for an fp32 model with quantized
+        linears (their kernels take 8 rows a pass, as its modules do), up to KERNEL_ROWS for the others. With
+        more, the modules use torch's products (oneDNN's native bf16 on CPUs with AVX512-BF16, MKL's for fp32),
+        which read the weights once for all rows: SmolLM2 bf16 serving 16 clients on C, 229 tok/s that way
+        against 207 through the C++ step's two 8-row passes (1 client: 63 against 29 tok/s for the uncompiled
+        module step)."""
+        return rows <= KERNEL_ROWS or self.quantized and not self.half
 
     def takes_prompt(self, tokens: int) -> bool:
-        """Whether `prefill` should run a prompt of `tokens` tokens (all rows together): up to PREFILL_ROWS, and
-        not for a bf16 / fp16 model (there torch's products of many rows - oneDNN's native bf16 on CPUs with
-        AVX512-BF16, fp32 products of the converted weights on others - prefilled SmolLM2's 32 tokens in 62-66 ms
-        on a 2-core EPYC where the C++ step's 8-row products took 82-86)."""
-        return not self.half and tokens <= PREFILL_ROWS
+        """Whether `prefill` should run a prompt of `tokens` tokens (all rows together): up to PREFILL_ROWS for an
+        fp32 model with quantized linears, FLOAT_PREFILL_ROWS for one without, and not for a bf16 / fp16 model
+        (there torch's products of many rows - oneDNN's native bf16 on CPUs with AVX512-BF16, fp32 products of
+        the converted weights on others - prefilled SmolLM2's 32 tokens in 62-66 ms on a 2-core EPYC where the
+        C++ step's 8-row products took 82-86)."""
+        return not self.half and tokens <= (PREFILL_ROWS if self.quantized else FLOAT_PREFILL_ROWS)
 
     def __call__(self, token: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor | None = None,
                  offsets: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,13 +196,12 @@ def native_step(model: nn.Module, batch: int) -> NativeStep | None:
     if found is None:
         return None
     tensors, linears = found
-    if model.dtype == torch.float32 and all(lin[1].numel() == 0 for lin in linears):
-        return None  # no quantized linear: fp32 models keep the module path (the module's docstring)
     if model.dtype != torch.float32 and model.dtype not in gemv_dtypes():
         return None  # a CPU with AMX: its half products stay oneDNN's (kernels.cpu.gemv_dtypes)
     if not build.load("decode_step"):
         return None
-    if model.dtype != torch.float32 and on_huge_pages(_float_weights(model)):  # once (kernels.cpu.on_huge_pages)
+    if on_huge_pages(_float_weights(model)):  # once (kernels.cpu.on_huge_pages)
         tensors = _tensors(model)[0]  # the moved weights
     ints = [c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim, c.rope_dim, int(c.rope_interleaved), c.n_layers]
-    return NativeStep(torch.classes.lmforge.DecodeStep(tensors, ints, float(c.norm_eps)), model.dtype != torch.float32)
+    return NativeStep(torch.classes.lmforge.DecodeStep(tensors, ints, float(c.norm_eps)), model.dtype != torch.float32,
+                      any(lin[1].numel() for lin in linears))

@@ -67,7 +67,7 @@ ARCHS = {
 }
 
 
-@pytest.mark.parametrize("scheme", ["mixed", "int8", "int4"])
+@pytest.mark.parametrize("scheme", [None, "mixed", "int8", "int4"])
 @pytest.mark.parametrize("arch", list(ARCHS))
 @torch.inference_mode()
 def test_one_step_matches_the_forward(arch, scheme):
@@ -112,7 +112,7 @@ def test_a_half_model_steps_as_its_forward_to_half_precision(arch, dtype, scheme
     assert (got - full).abs().max() < (want.float() - full).abs().max()
 
 
-@pytest.mark.parametrize("scheme", ["mixed", "int4"])
+@pytest.mark.parametrize("scheme", [None, "mixed", "int4"])
 @torch.inference_mode()
 def test_a_left_padded_batch_and_per_row_slots_match_the_forward(scheme):
     model = tiny(scheme)
@@ -132,7 +132,8 @@ def test_a_left_padded_batch_and_per_row_slots_match_the_forward(scheme):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=5e-5)
 
 
-@pytest.mark.parametrize("scheme,dtype", [("int8", torch.float32), ("int4", torch.float32), (None, torch.bfloat16)])
+@pytest.mark.parametrize("scheme,dtype", [("int8", torch.float32), ("int4", torch.float32), (None, torch.bfloat16),
+                                          (None, torch.float32)])
 def test_generate_takes_it_and_a_batch_gets_what_each_prompt_gets_alone(scheme, dtype, monkeypatch):
     model = tiny(scheme, dtype)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [3]]
@@ -146,8 +147,9 @@ def test_generate_takes_it_and_a_batch_gets_what_each_prompt_gets_alone(scheme, 
     assert generate(model, prompts, 10) == together
 
 
-def test_a_half_models_weights_move_onto_huge_pages_once_keeping_values_and_tokens(monkeypatch):
-    model = tiny(dtype=torch.bfloat16, vocab_size=2048, dim=256, ffn_dim=768)  # ~4 MB of linear weights
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_float_models_weights_move_onto_huge_pages_once_keeping_values_and_tokens(monkeypatch, dtype):
+    model = tiny(dtype=dtype, vocab_size=2048, dim=256, ffn_dim=768)  # 4-8 MB of linear weights
     params = dict(model.named_parameters())
     values = {n: p.detach().clone() for n, p in params.items()}
     real = native_step
@@ -163,16 +165,22 @@ def test_a_half_models_weights_move_onto_huge_pages_once_keeping_values_and_toke
     assert all(torch.equal(p, values[n]) for n, p in params.items())
     assert not on_huge_pages(weights)  # already there: a second step moves nothing
     assert generate(model, [[5, 6, 7], [9, 10]], 10) == want
+    model.clear_cache()  # moved inside generate()'s inference mode, the weights still train
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model(ids[:, :-1], labels=ids[:, 1:])[0].backward()
+    assert all(p.grad is not None for p in weights)
 
 
 def test_models_it_does_not_cover_keep_the_module_path():
     assert native_step(tiny("int4"), 1) is None  # no KV cache set up
-    float_model = tiny()
+    float_model = tiny()  # fp32 linears: decode steps of up to 8 rows and prompts of up to 16 tokens
     float_model.setup_cache(1, 16)
-    assert native_step(float_model, 1) is None  # torch's fp32 products are faster there
+    step = native_step(float_model, 1)
+    assert step.takes_rows(8) and not step.takes_rows(9) and step.takes_prompt(16) and not step.takes_prompt(17)
     covered = tiny("int4")
     covered.setup_cache(2, 16)
-    assert native_step(covered, 2) is not None and native_step(covered, 2).takes_rows(64)
+    step = native_step(covered, 2)
+    assert step is not None and step.takes_rows(64) and step.takes_prompt(64) and not step.takes_prompt(65)
     assert native_step(covered, 3) is None  # more rows than the cache holds
     for kw in ({"norm": "layernorm"}, {"mlp": "gelu"}, {"position": "alibi"}, {"sliding_window": 4}):
         model = tiny("int8", **kw)
