@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import time
 
 import torch
@@ -100,8 +99,6 @@ def main() -> None:
     p.add_argument("--products", action="store_true", help="time one row's product per linear shape")
     args = p.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda":
-        os.environ.setdefault("LMFORGE_CPU_KERNELS", "0")  # quantize() would build the CPU kernels: not used here
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     cfg = ModelConfig.from_preset("smollm2-135m")
     torch.manual_seed(0)

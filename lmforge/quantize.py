@@ -274,11 +274,15 @@ def _on_huge_pages(model: nn.Module) -> None:
                                              [m.packed, m.scale, m.minimum]) if p.device.type == "cpu"])
 
 
-def _prebuild_step() -> None:
-    """Starts compiling the C++ decode step a quantized model will run (`kernels/step.py`) in another process,
-    while this one builds the GEMV kernels: on first use ~20 s in all, not ~20 s each."""
-    if build.kernels_allowed():
-        build.prebuild(["decode_step"], wait=False)
+def _cpu_kernels(model: nn.Module, *names: str) -> list[bool]:
+    """Whether each of the GEMV kernels `names` is loaded (built on first use) for `model`'s quantized linears;
+    all False for a model on another device (a GPU's run torch's: no CPU build to wait for). First starts
+    compiling the C++ decode step a CPU model will run (`kernels/step.py`) in another process, while this one
+    builds the GEMV kernels: on first use ~20 s in all, not ~20 s each."""
+    if not build.kernels_allowed() or all(p.device.type != "cpu" for p in model.parameters()):
+        return [False] * len(names)
+    build.prebuild(["decode_step"], wait=False)
+    return [build.load(n) for n in names]
 
 
 def quantize(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
@@ -296,8 +300,7 @@ def quantize(model: nn.Module, scheme: str, group_size: int = 32) -> nn.Module:
             if child.in_features % group_size:
                 raise ValueError(f"quantize: {_name(model, child)} has {child.in_features} inputs, not a "
                                  f"multiple of group_size {group_size}")
-    _prebuild_step()
-    kernel = build.kernels_allowed() and build.load(f"{scheme}_gemv")
+    kernel, = _cpu_kernels(model, f"{scheme}_gemv")
     for parent, name, child in targets:
         new = (Int8Linear.from_float(child.weight, child.bias) if scheme == "int8" else
                Int4Linear.from_float(child.weight, child.bias, group_size))
@@ -325,9 +328,7 @@ def load_gguf_blocks(model: nn.Module, path) -> nn.Module:
 
     config, blocks = read_blocks(path)
     family = FAMILIES[config["model_type"]]
-    _prebuild_step()
-    kernel = build.kernels_allowed() and build.load("int8_gemv")
-    kernel4 = build.kernels_allowed() and build.load("int4_gemv")
+    kernel, kernel4 = _cpu_kernels(model, "int8_gemv", "int4_gemv")
     for name, child in [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]:
         key = name + ".weight"
         if key_template(key)[0] in family.from_hf:  # a family transform the blocks would need: stays float
