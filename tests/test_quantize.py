@@ -122,6 +122,23 @@ def test_int4_gpu_kernel_is_checked_before_it_is_used(monkeypatch):
     assert qmod._tinygemm(lin) == (None, None)
 
 
+def test_a_model_off_the_cpu_waits_for_no_cpu_kernel_build(monkeypatch):
+    """A GPU model (here on the meta device) runs torch's products: quantize builds none of the CPU kernels."""
+    from lmforge.kernels import build
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a CPU kernel was built for a model off the CPU")
+
+    monkeypatch.setattr(build, "load", refuse)
+    monkeypatch.setattr(build, "prebuild", refuse)
+    for scheme in ("int8", "int4"):
+        with torch.device("meta"):
+            model = make_tiny(128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
+        quantize(model, scheme)
+        layers = [m for m in model.modules() if isinstance(m, (Int8Linear, Int4Linear))]
+        assert len(layers) == 9 and not any(m.kernel for m in layers)
+
+
 def test_quantize_swaps_every_linear_and_refuses_what_it_cannot_do():
     model = make_tiny(128, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96)
     x = torch.randint(0, 128, (1, 9))
