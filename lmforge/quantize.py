@@ -174,9 +174,16 @@ class Int4Linear(nn.Module):
         """Moved or cast as any module; on a CUDA GPU that tinygemm runs on, its packed weight made anew."""
         self.tinygemm_weight = self.tinygemm_scale_zero = None
         super()._apply(fn, recurse)
-        if self.packed.is_cuda:
-            self.tinygemm_weight, self.tinygemm_scale_zero = _tinygemm(self)
+        self._repack()
         return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._repack()  # new blocks: tinygemm's copy of them too
+
+    def _repack(self) -> None:
+        on_gpu = self.packed.is_cuda
+        self.tinygemm_weight, self.tinygemm_scale_zero = _tinygemm(self) if on_gpu else (None, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
