@@ -2,7 +2,7 @@
 (RMSNorm, RoPE, SwiGLU, MHA / GQA / MQA, biases or not, tied or not) on CPU, fp32, bf16 or fp16, their linears
 float or `lmforge.quantize`'s int8 / int4 (a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks). `generate` and the server
 take it for every decode step of such a model (of one without quantized linears, or a bf16 / fp16 one: steps
-of up to KERNEL_ROWS rows, `takes_rows`) and, for fp32 ones, for short prompts (`takes_prompt`); any other
+of up to KERNEL_ROWS rows, `takes_rows`) and for short prompts (`takes_prompt`); any other
 model, module (LoRA's wrappers, another attention, hooks) or device keeps the module path, eager or compiled.
 A bf16 / fp16 model's step keeps its activations in fp32 (its weights and KV cache as they are, each new key
 and value rounded once), as llama.cpp does; its module path rounds every activation to bf16, so the two agree
@@ -69,11 +69,12 @@ class NativeStep:
 
     def takes_prompt(self, tokens: int) -> bool:
         """Whether `prefill` should run a prompt of `tokens` tokens (all rows together): up to PREFILL_ROWS for an
-        fp32 model with quantized linears, FLOAT_PREFILL_ROWS for one without, and not for a bf16 / fp16 model
-        (there torch's products of many rows - oneDNN's native bf16 on CPUs with AVX512-BF16, fp32 products of
-        the converted weights on others - prefilled SmolLM2's 32 tokens in 62-66 ms on a 2-core EPYC where the
-        C++ step's 8-row products took 82-86)."""
-        return not self.half and tokens <= (PREFILL_ROWS if self.quantized else FLOAT_PREFILL_ROWS)
+        fp32 model with quantized linears, FLOAT_PREFILL_ROWS for one without, and KERNEL_ROWS (one pass of the
+        weights) for a bf16 / fp16 model. Past that, torch's products of many rows - oneDNN's native bf16 on CPUs
+        with AVX512-BF16, fp32 products of the converted weights on others - are faster: SmolLM2 bf16 on the
+        2-core EPYC C, prompt and first token, 2 / 8 / 16 / 32 tokens: 18.6 / 32.7 / 61.2 / 90.4 ms through the
+        step against 25.9 / 46.0 / 51.0 / 58.6."""
+        return tokens <= (KERNEL_ROWS if self.half else PREFILL_ROWS if self.quantized else FLOAT_PREFILL_ROWS)
 
     def __call__(self, token: torch.Tensor, pos: torch.Tensor, key_valid: torch.Tensor | None = None,
                  offsets: torch.Tensor | None = None) -> torch.Tensor:

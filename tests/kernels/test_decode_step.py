@@ -96,7 +96,7 @@ def test_a_half_model_steps_as_its_forward_to_half_precision(arch, dtype, scheme
     model.setup_cache(3, 32)
     prefill(model, torch.randint(0, VOCAB, (3, 5)))
     step = native_step(model, 3)
-    assert step is not None and not step.takes_prompt(5)  # prompts: torch's products of many rows
+    assert step is not None and step.takes_prompt(8) and not step.takes_prompt(9)  # longer: torch's many rows
     assert step.takes_rows(8) and not step.takes_rows(9)  # and so are steps of more than 8 rows
     token, pos = torch.randint(0, VOCAB, (3, 1)), torch.tensor([5])
     before = caches(model)
@@ -260,6 +260,31 @@ def test_a_short_prompt_prefills_as_the_forward_does(scheme):
         step.prefill(ids, lengths=torch.tensor([5, 6]), cache_rows=slice(1, 3))
     with pytest.raises(RuntimeError, match="cache rows 2..3 asked for, but the KV cache holds 3 rows"):
         step.prefill(ids, cache_rows=slice(2, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("arch", ["gqa", "chatglm2-like"])
+@torch.inference_mode()
+def test_a_half_models_short_prompt_prefills_as_its_forward_to_half_precision(arch, dtype):
+    """Up to 8 tokens of a bf16 / fp16 model's prompt through the C++ step: the last logits and the cache as the
+    forward's prefill writes them, to half precision (one row, and a left-padded batch of 2 x 4)."""
+    model = tiny(None, dtype, **ARCHS[arch])
+    model.setup_cache(2, 32)
+    step = native_step(model, 2)
+    eps = torch.finfo(dtype).eps
+    ids = torch.randint(0, VOCAB, (1, 8))
+    want = prefill(model, ids).float()
+    want_cache = [(k[:1, :, :8].clone(), v[:1, :, :8].clone()) for k, v in caches(model)]
+    got = step.prefill(ids)
+    torch.testing.assert_close(got, want, rtol=4 * eps, atol=4 * eps)
+    for (k, v), (k2, v2) in zip(want_cache, caches(model)):
+        assert k2.dtype == dtype
+        torch.testing.assert_close(k2[:1, :, :8], k, rtol=2 * eps, atol=2 * eps)
+        torch.testing.assert_close(v2[:1, :, :8], v, rtol=2 * eps, atol=2 * eps)
+    offsets = torch.tensor([[1], [0]])
+    ids = torch.randint(0, VOCAB, (2, 4))
+    got = step.prefill(ids, offsets, torch.arange(32) >= offsets)
+    torch.testing.assert_close(got, prefill(model, ids, offsets).float(), rtol=4 * eps, atol=4 * eps)
 
 
 def test_smollm2_in_bf16_answers_paris_through_the_step(monkeypatch):
