@@ -148,6 +148,7 @@ def setup_lora(model: Transformer, cfg: Any, dist: Any = None) -> None:
             for p in (m.lora_a, m.lora_b):
                 p.requires_grad_(True)
     elif cfg.lora.enabled:
+        torch.manual_seed(cfg.train.seed)  # A's random start: the same every run (and on every process)
         apply_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.targets)
     n_train, n_all = trainable_parameters(model)
     print(f"training {n_train:,} of {n_all:,} parameters ({100 * n_train / n_all:.2f}%)")

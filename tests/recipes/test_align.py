@@ -30,3 +30,21 @@ def test_nll_weight_must_not_be_negative_nor_given_to_orpo():
         AlignConfig(nll_weight=-1)
     with pytest.raises(ValueError, match="ORPO has its own NLL term"):
         AlignConfig(method="orpo", nll_weight=1.0)
+
+
+def test_lora_adapters_start_the_same_every_run():
+    """The adapters' random start comes from the run's seed (train.seed), not from whatever the process drew
+    before: two runs of one config train the same numbers (and every process of one starts alike)."""
+    from lmforge.lora import lora_modules
+    from lmforge.recipes.common import setup_lora
+
+    starts = []
+    for seed, noise in ((0, 1), (0, 2), (1, 1)):
+        model = make_tiny(64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
+        torch.manual_seed(noise)
+        torch.rand(noise)  # other draws before the adapters
+        cfg = AlignConfig()
+        cfg.lora.enabled, cfg.train.seed = True, seed
+        setup_lora(model, cfg)
+        starts.append(torch.cat([m.lora_a.detach().flatten() for m in lora_modules(model).values()]))
+    assert torch.equal(starts[0], starts[1]) and not torch.equal(starts[0], starts[2])
