@@ -96,7 +96,9 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _cpu_float(*ts: torch.Tensor | None) -> bool:
-    return all(t is None or (t.dtype in _FLOATS and t.device.type == "cpu") for t in ts)
+    """Plain CPU float tensors (not an FSDP shard's DTensor, whose values the C++ step could not see whole)."""
+    return all(t is None or (t.dtype in _FLOATS and t.device.type == "cpu"
+                             and type(t.data if isinstance(t, nn.Parameter) else t) is torch.Tensor) for t in ts)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

@@ -202,6 +202,24 @@ def test_models_it_does_not_cover_keep_the_module_path():
     assert native_step(lora, 1) is None
 
 
+def test_an_fsdp_sharded_weight_keeps_the_module_path(tmp_path):
+    """A DTensor (FSDP2's shard) holds part of a weight: the C++ step, which reads whole tensors, refuses it."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = tiny()
+        model.setup_cache(1, 16)
+        assert native_step(model, 1) is not None
+        mesh = init_device_mesh("cpu", (1,))
+        model.lm_head.weight = nn.Parameter(distribute_tensor(model.lm_head.weight.detach(), mesh, [Shard(0)]))
+        assert native_step(model, 1) is None
+    finally:
+        dist.destroy_process_group()
+
+
 def test_kernels_turned_off_keep_the_module_path(monkeypatch):
     model = tiny("int4")
     model.setup_cache(1, 16)
