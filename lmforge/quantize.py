@@ -58,7 +58,12 @@ def _gemv(op, x: torch.Tensor, layer: nn.Module, *weights: torch.Tensor) -> torc
     """layer(x) through the kernel `op(*weights, rows)`, KERNEL_ROWS rows a call."""
     x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
     parts = [op(*weights, x2[i:i + KERNEL_ROWS]) for i in range(0, x2.shape[0], KERNEL_ROWS)]
-    y = (parts[0] if len(parts) == 1 else torch.cat(parts)).view(*x.shape[:-1], layer.out_features)  # (..., out)
+    return _out(parts[0] if len(parts) == 1 else torch.cat(parts), x, layer)
+
+
+def _out(y: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """A product's rows y (rows, out) as layer(x) gives them: x's leading shape, plus the layer's bias."""
+    y = y.view(*x.shape[:-1], layer.out_features)  # (..., out)
     return y if layer.bias is None else y + layer.bias.to(y.dtype)
 
 
@@ -82,32 +87,30 @@ class Int8Linear(nn.Module):
         scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (out,)
         return cls(torch.round(w / scale[:, None]).clamp(-127, 127), scale, bias)
 
-    def dequantized(self) -> torch.Tensor:
-        """The weight these int8 values stand for, fp32 (out, in)."""
-        return self.rows(torch.arange(self.out_features, device=self.q.device))
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight these int8 values stand for (out, in), computed in `dtype`."""
+        return self.rows(None, dtype)
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of the dequantized weight, fp32 (*ids.shape, in): an embedding lookup in this table."""
-        groups = self.q[ids].float().unflatten(-1, (self.scale.shape[1], -1))  # (..., in / G, G)
-        return (groups * self.scale[ids][..., None]).flatten(-2)
+    def rows(self, ids: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows `ids` (None: all) of the dequantized weight, (*ids.shape, in) in `dtype`: an embedding lookup in
+        this table."""
+        q, scale = (self.q, self.scale) if ids is None else (self.q[ids], self.scale[ids])
+        groups = q.to(dtype).unflatten(-1, (self.scale.shape[1], -1))  # (..., in / G, G)
+        return (groups * scale.to(dtype)[..., None]).flatten(-2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
         cpu = x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
         if cpu and self.kernel and 0 < rows <= CHUNKED_ROWS and (self.in_features // self.scale.shape[1]) % 32 == 0:
             return _gemv(torch.ops.lmforge.int8_gemv, x, self, self.q, self.scale)  # x read in int16 blocks of 32
-        bias = None if self.bias is None else self.bias.to(x.dtype)
         if cpu and self.scale.shape[1] == 1:  # one scale per row: torch's kernel
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, -1), self.q, self.scale[:, 0].to(x.dtype))
-            y = y.view(*x.shape[:-1], self.out_features)  # (..., out)
-            return y if bias is None else y + bias
-        if not cpu:  # CUDA (or a dtype the kernels do not take): the int8 weight widened in the product
-            if self.scale.shape[1] == 1:
-                y = F.linear(x, self.q.to(x.dtype)) * self.scale[:, 0].to(x.dtype)
-                return y if bias is None else y + bias
-            groups = self.q.to(x.dtype).unflatten(-1, (self.scale.shape[1], -1))  # (out, in / G, G)
-            return F.linear(x, (groups * self.scale.to(x.dtype)[..., None]).flatten(-2), bias)
-        return F.linear(x, self.dequantized().to(x.dtype), bias)
+            return _out(y, x, self)
+        if not cpu and self.scale.shape[1] == 1:  # CUDA (or a dtype the kernels do not take): gpt-fast's form
+            return _out(F.linear(x, self.q.to(x.dtype)) * self.scale[:, 0].to(x.dtype), x, self)
+        # the weight widened for the product: in x's dtype off the kernels' path, else in fp32 and rounded once
+        w = self.dequantized(x.dtype) if not cpu else self.dequantized().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         group = self.in_features // self.scale.shape[1]
@@ -158,17 +161,19 @@ class Int4Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """The weight these 4-bit values stand for, fp32 (out, in)."""
-        return self.rows(torch.arange(self.out_features, device=self.packed.device))
+        return self.rows(None)
 
     def codes(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The 4-bit values q in [0, 15] of rows `ids` (default all), uint8 (..., in)."""
         p = (self.packed if ids is None else self.packed[ids]).unflatten(-1, (-1, 16))  # (..., in / 32, 16)
         return torch.cat((p & 0x0F, p >> 4), dim=-1).flatten(-2)
 
-    def rows(self, ids: torch.Tensor) -> torch.Tensor:
-        """Rows `ids` of the dequantized weight, fp32 (*ids.shape, in): an embedding lookup in this table."""
+    def rows(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """Rows `ids` (None: all) of the dequantized weight, fp32 (*ids.shape, in): an embedding lookup in this
+        table."""
         q = self.codes(ids).float().unflatten(-1, (-1, 32))  # (..., in / 32, 32)
-        return (q * self.scale[ids][..., None] + self.minimum[ids][..., None]).flatten(-2)
+        scale, minimum = (self.scale, self.minimum) if ids is None else (self.scale[ids], self.minimum[ids])
+        return (q * scale[..., None] + minimum[..., None]).flatten(-2)
 
     def _apply(self, fn, recurse=True):
         """Moved or cast as any module; on a CUDA GPU that tinygemm runs on, its packed weight made anew."""
@@ -187,15 +192,13 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(x.shape[-1], 1)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
         if self.kernel and 0 < rows <= CHUNKED_ROWS and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES:
             return _gemv(torch.ops.lmforge.int4_gemv, x, self, self.packed, self.scale, self.minimum)
         if self.tinygemm_weight is not None and x.is_cuda and rows > 0:
             y = torch.ops.aten._weight_int4pack_mm(x.reshape(rows, -1).to(torch.bfloat16).contiguous(),
                                                    self.tinygemm_weight, 32, self.tinygemm_scale_zero)
-            y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)  # (..., out)
-            return y if bias is None else y + bias
-        return F.linear(x, self.dequantized().to(x.dtype), bias)
+            return _out(y.to(x.dtype), x, self)
+        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int4 in blocks of 32"
